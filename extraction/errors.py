@@ -1,0 +1,31 @@
+"""The project's exceptions: every error a user can cause is one of these, with a message that says what to do."""
+
+from __future__ import annotations
+
+
+class ICLGeometryError(ValueError):
+    """Base class of every user-facing error raised by the toolkit."""
+
+
+class ModelLoadError(ICLGeometryError):
+    """A model spec could not be resolved or loaded."""
+
+
+class ArchitectureError(ICLGeometryError):
+    """The model's module tree could not be mapped onto layers, norm, unembedding and attention."""
+
+
+class TaskError(ICLGeometryError):
+    """A task or data file is unknown, malformed or too small for the request."""
+
+
+class LabelWordError(ICLGeometryError):
+    """Label words do not tokenize to distinct usable first tokens."""
+
+
+class PromptError(ICLGeometryError):
+    """A prompt cannot be built or does not fit the model."""
+
+
+class StoreError(ICLGeometryError):
+    """A store or group is missing, malformed, or holds a different configuration."""

