@@ -101,3 +101,14 @@ def real_model():
     from extraction.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer():
+    """The default model's tokenizer alone (from the converted cache)."""
+    from transformers import AutoTokenizer
+
+    from extraction.models import resolve_spec
+
+    source, _ = resolve_spec(None)
+    return AutoTokenizer.from_pretrained(source)

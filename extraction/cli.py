@@ -1,0 +1,96 @@
+"""``icl-geometry extract``: query hidden states of a model on an ICL task into a Zarr store."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+
+from extraction.tasks import list_tasks
+
+EXAMPLES = """
+examples:
+  # 8-shot and zero-shot states of the default model (Gemma 3 270M) on the built-in sentiment task
+  icl-geometry extract --task sentiment --shots 8 --n 128 --out results/store.zarr
+  icl-geometry extract --task sentiment --shots 0 --n 128 --out results/store.zarr
+
+  # your own data: a CSV/JSONL/Parquet file with 'text' and 'label' columns (optional 'split': train/test)
+  icl-geometry extract --data reviews.csv --template "{text} Verdict: {label}" --out store.zarr
+
+  # any Hugging Face causal LM: a local folder, a .gguf file, or a hub id already in the local cache
+  icl-geometry extract --model ./my-llama --dtype bfloat16 --task topic --out store.zarr
+
+Each run writes one group (--setting, default 'icl' or 'zero_shot') holding per example the query state at every
+layer (layer 0 = embedding output, layer l = output of block l, all before the final norm), the gold label, the
+model's prediction, label-word logits and the logit lens. Open it with xarray.open_zarr(STORE, group=SETTING).
+An interrupted run resumes when re-run with the same arguments.
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model options shared by every command that runs a model."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=None, metavar="SPEC",
+                       help="hub id, local Hugging Face folder or .gguf file (default: the bundled Gemma 3 270M)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype; bfloat16 is 2-3x faster on recent CPUs (default: float32)")
+    group.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where it loads)")
+
+
+def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Task and prompt options shared by every command that builds ICL prompts."""
+    group = parser.add_argument_group("task and prompts")
+    source = group.add_mutually_exclusive_group()
+    source.add_argument("--task", default="sentiment", help=f"built-in task: {', '.join(list_tasks())}")
+    source.add_argument("--data", metavar="FILE", help="your own .csv/.jsonl/.parquet with text and label columns")
+    group.add_argument("--template", default=None, help="prompt template with {text} and {label}, label last")
+    group.add_argument("--separator", default="\n", help="text between demonstrations; escapes like \\n work (default: newline)")
+    group.add_argument("--shots", type=int, default=8, help="demonstrations per prompt, k (default: 8)")
+    group.add_argument("--n", type=int, default=64, help="number of queries (default: 64)")
+    group.add_argument("--seed", type=int, default=0, help="seed of demonstration and query sampling (default: 0)")
+    group.add_argument("--sampling", default="uniform", choices=["uniform", "balanced"],
+                       help="demonstrations drawn uniformly or class-balanced (default: uniform)")
+    group.add_argument("--label-mode", default="words", choices=["words", "symbolic", "random"],
+                       help="label words, symbols (@, #, ...) or random demonstration labels (control)")
+    group.add_argument("--label-words", default=None, help="comma-separated label words, one per class")
+    group.add_argument("--allow-multitoken-labels", action="store_true",
+                       help="score a multi-token label word by its first token instead of refusing it")
+
+
+def prompt_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``extraction.extract`` from parsed prompt options."""
+    return dict(
+        task=args.data or args.task, shots=args.shots, n=args.n, seed=args.seed, template=args.template,
+        separator=codecs.decode(args.separator, "unicode_escape"), sampling=args.sampling, label_mode=args.label_mode,
+        label_words=tuple(w.strip() for w in args.label_words.split(",")) if args.label_words else None,
+        allow_multitoken_labels=args.allow_multitoken_labels,
+    )
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from extraction.extract import accuracy, extract
+    from extraction.models import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
+                      store_dtype=args.store_dtype, overwrite=args.overwrite, **prompt_kwargs(args))
+    print(json.dumps({"store": str(args.out), "group": dataset.attrs["setting"], **accuracy(dataset)}))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "extract", help="extract per-layer query hidden states into a Zarr store",
+        description="Run a causal LM over ICL prompts and store the query position's hidden state at every layer.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    add_prompt_arguments(parser)
+    group = parser.add_argument_group("store")
+    group.add_argument("--out", required=True, metavar="STORE", help="Zarr store path (created if missing)")
+    group.add_argument("--setting", default=None, help="group name in the store (default: icl or zero_shot)")
+    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default: 8)")
+    group.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
+                       help="dtype of stored hidden states (default: float32)")
+    group.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
+    parser.set_defaults(func=run_extract)

@@ -1,0 +1,1 @@
+"""Orchestration of the toolkit: the command line and the one-command study."""
