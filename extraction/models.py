@@ -8,14 +8,16 @@ user cache folder (``$ICL_GEOMETRY_CACHE``, default ``~/.cache/icl-geometry``), 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -61,11 +63,22 @@ def default_model_spec() -> str:
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 of a file, remembered in the cache folder by (path, size, mtime) so a cached load skips re-hashing."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    memo = cache_root() / "sha256.json"
+    known = json.loads(memo.read_text()) if memo.is_file() else {}
+    if key not in known:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        known[key] = digest.hexdigest()
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        staging = memo.with_suffix(f".{os.getpid()}.tmp")
+        staging.write_text(json.dumps(known, indent=1))
+        staging.replace(memo)
+    return known[key]
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
@@ -89,6 +102,20 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("converted in %.0f s", time.perf_counter() - started)
+
+
+@contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """Hide transformers' per-tensor "Loading weights" bar (a cached load takes seconds) and restore it after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def resolve_spec(spec: str | None) -> tuple[str, dict[str, Any]]:
@@ -140,8 +167,9 @@ def load_model(
     if device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+        with _quiet_weight_loading():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except OSError as error:
         raise ModelLoadError(
             f"cannot load model {spec!r}: {error}. Give a local folder, a .gguf file, or a hub id that is in "

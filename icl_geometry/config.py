@@ -1,0 +1,228 @@
+"""The study configuration: a TOML (or YAML) file of documented sections and keys, validated before anything runs.
+
+Every key has a default, so an empty file (or no file) is the paper's set-up on the bundled model. Unknown
+sections or keys and values of the wrong type are rejected with a message that names the key. The effective
+configuration is written next to the results (:func:`dump_toml`), and :func:`load_config` reads it back unchanged.
+
+Example ``study.toml``::
+
+    [model]
+    spec = "./my-llama"        # hub id in the local cache, Hugging Face folder or .gguf; "default" = Gemma 3 270M
+    dtype = "bfloat16"
+
+    [data]
+    tasks = ["sentiment", "reviews.csv"]
+    shots = [0, 2, 4, 8, 16]   # a k sweep; ablations and injections use heads.shots
+    n = 128
+
+    [heads]
+    fraction = 0.1
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extraction.errors import ICLGeometryError
+from extraction.tasks import list_tasks
+
+
+class ConfigError(ICLGeometryError):
+    """A study configuration that cannot be used (unknown key, wrong type, impossible value)."""
+
+
+@dataclass
+class ModelSection:
+    """Which model runs and how."""
+
+    spec: str = "default"  #: hub id, local Hugging Face folder or .gguf file; "default" is Gemma 3 270M
+    dtype: str = "bfloat16"  #: float32, bfloat16 or float16; stores always hold float32 states
+    device: str = ""  #: torch device such as "cuda"; empty: where the model loads (CPU here)
+    batch_size: int = 8  #: prompts per forward pass
+
+
+@dataclass
+class DataSection:
+    """Tasks and prompts."""
+
+    tasks: list[str] = field(default_factory=list_tasks)  #: built-in task names or .csv/.jsonl/.parquet files
+    shots: list[int] = field(default_factory=lambda: [8])  #: k values; 0 is added for the zero-shot baseline
+    n: int = 64  #: queries per setting
+    seed: int = 0  #: seed of demonstration and query sampling
+    separator: str = "\n"  #: text between demonstrations
+    sampling: str = "uniform"  #: uniform or balanced demonstrations
+    label_mode: str = "words"  #: words, symbolic or random (control)
+
+
+@dataclass
+class GeometrySection:
+    """The layer-wise measures."""
+
+    n_boot: int = 1000  #: bootstrap resamples of the queries for confidence intervals
+    rank: int = 10  #: rank of the low-rank denoising
+    seed: int = 0  #: bootstrap and classifier-split seed
+
+
+@dataclass
+class HeadsSection:
+    """Head scores, ablations and task-vector injections."""
+
+    enabled: bool = True  #: run the heads analysis at all
+    shots: int = 8  #: k of the prompts that are scored, ablated and used for task vectors
+    n_score: int = 50  #: prompts used for the PTH / IH scores and task vectors (the paper's 50)
+    fraction: float = 0.1  #: top fraction of all heads taken as PTH / IH sets (the paper's 10%)
+    mode: str = "zero"  #: ablation mode, zero or mean
+    seed: int = 0  #: seed of the random control set
+
+
+@dataclass
+class StudyConfig:
+    """The whole study: one section per stage family."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    geometry: GeometrySection = field(default_factory=GeometrySection)
+    heads: HeadsSection = field(default_factory=HeadsSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A stable text of the whole configuration (finished stages are tied to it)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @property
+    def k_values(self) -> list[int]:
+        """The ICL shot counts, each once, in increasing order (zero-shot is always run as the baseline)."""
+        return sorted(set(k for k in self.data.shots if k > 0) | ({self.heads.shots} if self.heads.enabled else set()))
+
+
+CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("data", "sampling"): ("uniform", "balanced"),
+    ("data", "label_mode"): ("words", "symbolic", "random"),
+    ("heads", "mode"): ("zero", "mean"),
+}
+POSITIVE = {("model", "batch_size"), ("data", "n"), ("heads", "shots"), ("heads", "n_score")}
+
+
+def quick_config() -> StudyConfig:
+    """A smoke-test study: one task, few queries, few resamples (a few minutes on a laptop CPU)."""
+    return StudyConfig(
+        data=DataSection(tasks=["sentiment"], n=24),
+        geometry=GeometrySection(n_boot=100),
+        heads=HeadsSection(n_score=16),
+    )
+
+
+def _check_type(name: str, value: Any, expected: Any) -> Any:
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list of {item.__name__}, not {type(value).__name__} {value!r}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {expected.__name__}, not {type(value).__name__} {value!r}")
+    return value
+
+
+def _section(name: str, cls: type, raw: Any, base: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table of keys, not {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown key {name}.{unknown[0]}; [{name}] takes {', '.join(sorted(known))}")
+    values = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in raw.items()}
+    for key, value in values.items():
+        allowed = CHOICES.get((name, key))
+        if allowed and value not in allowed:
+            raise ConfigError(f"{name}.{key} must be one of {', '.join(allowed)}, not {value!r}")
+        if (name, key) in POSITIVE and value < 1:
+            raise ConfigError(f"{name}.{key} must be >= 1, not {value}")
+    return dataclasses.replace(base, **values)
+
+
+def _validate(config: StudyConfig) -> StudyConfig:
+    if not config.data.tasks:
+        raise ConfigError("data.tasks is empty; name at least one built-in task or data file")
+    for task in config.data.tasks:
+        if task not in list_tasks() and not Path(task).suffix:
+            raise ConfigError(f"data.tasks: {task!r} is neither a built-in task ({', '.join(list_tasks())}) nor a file")
+    if any(k < 0 for k in config.data.shots):
+        raise ConfigError(f"data.shots must be >= 0, not {config.data.shots}")
+    if not config.k_values:
+        raise ConfigError("data.shots has no k > 0 and heads are disabled: there is no ICL setting to analyse")
+    if not 0 < config.heads.fraction < 1:
+        raise ConfigError(f"heads.fraction must be between 0 and 1, not {config.heads.fraction}")
+    if config.geometry.n_boot < 0 or config.geometry.rank < 1:
+        raise ConfigError("geometry.n_boot must be >= 0 and geometry.rank >= 1")
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], base: StudyConfig | None = None) -> StudyConfig:
+    """Validate a parsed configuration (sections of keys) over ``base`` (default: the defaults)."""
+    config = base or StudyConfig()
+    sections = {f.name: f for f in dataclasses.fields(StudyConfig)}
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; the sections are {', '.join(f'[{s}]' for s in sections)}")
+    updates = {
+        name: _section(name, typing.get_type_hints(StudyConfig)[name], value, getattr(config, name))
+        for name, value in raw.items()
+    }
+    return _validate(dataclasses.replace(config, **updates))
+
+
+def _parse(path: Path) -> Any:
+    """The file's content as Python values (TOML, or YAML for .yaml/.yml)."""
+    import yaml
+
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text) or {} if path.suffix in (".yaml", ".yml") else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path} cannot be parsed: {error}") from error
+
+
+def load_config(path: str | Path | None, *, quick: bool = False) -> StudyConfig:
+    """Read a TOML or YAML study file (None: the defaults); ``quick`` starts from :func:`quick_config`."""
+    base = quick_config() if quick else StudyConfig()
+    if path is None:
+        return _validate(base)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = _parse(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold sections of keys, not {type(raw).__name__}")
+    return config_from_dict(raw, base)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def dump_toml(config: StudyConfig) -> str:
+    """The configuration as TOML text that :func:`load_config` reads back to an equal configuration."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
