@@ -1,0 +1,212 @@
+"""The whole analysis in one call: extraction, geometry, heads, interventions, tables, figures and the report.
+
+Output folder layout::
+
+    config.toml            the effective configuration (re-run it with `icl-geometry study config.toml`)
+    stages.json            finished stages (resume marker)
+    study.json             setup and timing facts shown in the report
+    stores/<task>.zarr     one store per task: icl (and icl_k<k>), zero_shot, ablate_*, inject_*, head_scores
+    tables/*.csv           accuracy, measures (tidy), transitions, head_scores, head_sets, placement
+    figures/<task>/*.png   layer-wise curves, measure changes, k sweep, head-score heat maps, PCA panels
+    report.html            everything above on one self-contained page
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from extraction.extract import accuracy
+from extraction.store import list_groups, open_group
+from icl_geometry.config import StudyConfig, dump_toml
+from icl_geometry.report import write_report
+from icl_geometry.stages import Manifest, Stage, run_stages
+
+log = logging.getLogger(__name__)
+
+INTERVENTION_GROUPS = ("ablate_pth", "ablate_ih", "ablate_random", "inject_ih", "inject_pth")
+TABLES = ("accuracy", "measures", "transitions", "head_scores", "head_sets", "placement")
+
+
+def task_label(task: str) -> str:
+    """A task's name in file names and tables: the built-in name, or a data file's stem."""
+    return Path(task).stem if Path(task).suffix else task
+
+
+class Study:
+    """A configured study writing into ``folder``; :meth:`run` does (or finishes) it and returns the report path."""
+
+    def __init__(self, config: StudyConfig, folder: str | Path, *, progress: bool = True, restart: bool = False):
+        self.config, self.folder, self.progress = config, Path(folder), progress
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.manifest = Manifest(self.folder, config.fingerprint(), restart=restart)
+        self._loaded = None
+
+    # -- paths and shared state ---------------------------------------------------------------------------------
+    @property
+    def primary_k(self) -> int:
+        """The k of the ``icl`` group: the heads' k, or the largest k when heads are off."""
+        return self.config.heads.shots if self.config.heads.enabled else max(self.config.k_values)
+
+    def icl_group(self, k: int) -> str:
+        return "icl" if k == self.primary_k else f"icl_k{k}"
+
+    def store(self, task: str) -> Path:
+        return self.folder / "stores" / f"{task_label(task)}.zarr"
+
+    def part(self, table: str, task: str) -> Path:
+        return self.folder / "tables" / "parts" / f"{task_label(task)}.{table}.csv"
+
+    def figures(self, task: str) -> Path:
+        folder = self.folder / "figures" / task_label(task)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    @property
+    def loaded(self):
+        """The model, loaded on first use (a resumed study whose model stages are done never loads it)."""
+        if self._loaded is None:
+            from extraction.models import load_model
+
+            model = self.config.model
+            self._loaded = load_model(None if model.spec == "default" else model.spec, dtype=model.dtype,
+                                      device=model.device or None)
+        return self._loaded
+
+    def prompt_options(self) -> dict:
+        data = self.config.data
+        return dict(separator=data.separator, sampling=data.sampling, label_mode=data.label_mode)
+
+    # -- stages ---------------------------------------------------------------------------------------------------
+    def _extract(self, task: str, k: int, group: str) -> None:
+        from extraction.extract import extract
+
+        data = self.config.data
+        extract(self.loaded, self.store(task), task=task, shots=k, n=data.n, seed=data.seed, setting=group,
+                batch_size=self.config.model.batch_size, progress=self.progress, **self.prompt_options())
+
+    def _heads(self, task: str) -> None:
+        import heads
+
+        settings = self.config.heads
+        result = heads.study(
+            self.loaded, self.store(task), task=task, shots=settings.shots, n=self.config.data.n,
+            seed=self.config.data.seed, fraction=settings.fraction, n_score=settings.n_score, mode=settings.mode,
+            random_seed=settings.seed, batch_size=self.config.model.batch_size, measures=False,
+            progress=self.progress, **self.prompt_options(),
+        )
+        scores = result.scores.to_dataframe().reset_index()
+        self._write_part("head_scores", task, scores)
+        sets = pd.DataFrame([{"set": name, "layer": layer, "head": head}
+                             for name, members in result.sets.items() for layer, head in members])
+        self._write_part("head_sets", task, sets)
+        self._write_part("placement", task, pd.DataFrame([result.placement]))
+        heads.plot_scores(result.scores, self.figures(task) / "head_scores.png", sets=result.sets)
+
+    def _geometry(self, task: str) -> None:
+        import geometry
+
+        settings = self.config.geometry
+        store = self.store(task)
+        groups = [g for g in self.groups(task) if g in list_groups(store)]
+        measures = geometry.table(store, groups=groups, n_boot=settings.n_boot, seed=settings.seed,
+                                  rank=settings.rank, progress=self.progress)
+        self._write_part("measures", task, measures)
+        transitions = pd.DataFrame([{"group": group, **geometry.transition(measures, group=group).as_dict()}
+                                    for group in groups])
+        self._write_part("transitions", task, transitions)
+        self._write_part("accuracy", task, pd.DataFrame([
+            {"group": group, "shots": int(dataset.attrs["shots"]), **accuracy(dataset)}
+            for group in groups for dataset in [open_group(store, group)]
+        ]))
+
+    def _figures(self, task: str) -> None:
+        import geometry
+
+        measures = pd.read_csv(self.part("measures", task))
+        transitions = pd.read_csv(self.part("transitions", task))
+        folder = self.figures(task)
+        main = [g for g in ("icl", "zero_shot", *INTERVENTION_GROUPS) if g in set(measures.group)]
+        geometry.plot_curves(measures, folder / "curves.png", groups=main, transitions=transitions)
+        changes = [g for g in INTERVENTION_GROUPS if g in set(measures.group)]
+        if changes:
+            geometry.plot_changes(measures, folder / "changes.png", groups=changes)
+        k_groups = [self.icl_group(k) for k in self.config.k_values]
+        if len(k_groups) > 1:
+            geometry.plot_curves(measures, folder / "k_sweep.png", groups=["zero_shot", *k_groups])
+        geometry.plot_projections(self.store(task), "icl", folder / "projections.png")
+
+    def _tables(self) -> None:
+        tables = self.folder / "tables"
+        for table in TABLES:
+            parts = [pd.read_csv(self.part(table, task)).assign(task=task_label(task))
+                     for task in self.config.data.tasks if self.part(table, task).is_file()]
+            if parts:
+                frame = pd.concat(parts, ignore_index=True)
+                frame[["task", *[c for c in frame.columns if c != "task"]]].to_csv(tables / f"{table}.csv", index=False)
+
+    def _report(self) -> None:
+        first = open_group(self.store(self.config.data.tasks[0]), "icl")
+        provenance = first.attrs.get("provenance", {})
+        setup = {
+            "model": provenance.get("model_spec"), "model sha256": provenance.get("model_sha256"),
+            "dtype": self.config.model.dtype, "tasks": ", ".join(map(task_label, self.config.data.tasks)),
+            "k (shots)": ", ".join(map(str, self.config.k_values)), "queries per setting": self.config.data.n,
+            "layer convention": first.attrs.get("layer_convention"),
+            "libraries": ", ".join(f"{k} {v}" for k, v in provenance.get("libraries", {}).items()),
+        }
+        meta = {"setup": setup, "tasks": [task_label(t) for t in self.config.data.tasks],
+                "seconds": sum(self.manifest.done.values()), "version": _version()}
+        (self.folder / "study.json").write_text(json.dumps(meta, indent=1, default=str))
+        write_report(self.folder)
+
+    def _write_part(self, table: str, task: str, frame: pd.DataFrame) -> None:
+        path = self.part(table, task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(path, index=False)
+
+    def groups(self, task: str) -> list[str]:
+        """The store groups of one task that the study analyses, in report order."""
+        groups = [self.icl_group(k) for k in self.config.k_values] + ["zero_shot"]
+        return groups + (list(INTERVENTION_GROUPS) if self.config.heads.enabled else [])
+
+    def stages(self) -> list[Stage]:
+        """Every stage of the study in order, with rough relative costs for the ETA."""
+        n, stages = self.config.data.n, []
+        for task in self.config.data.tasks:
+            name = task_label(task)
+            for k in self.config.k_values:
+                group = self.icl_group(k)
+                stages.append(Stage(f"{name}: extract {group}", n * (0.3 + k / 8),
+                                    lambda t=task, k=k, g=group: self._extract(t, k, g)))
+            stages.append(Stage(f"{name}: extract zero_shot", n * 0.2, lambda t=task: self._extract(t, 0, "zero_shot")))
+            if self.config.heads.enabled:
+                stages.append(Stage(f"{name}: heads", n * 4 + self.config.heads.n_score * 2,
+                                    lambda t=task: self._heads(t)))
+            stages.append(Stage(f"{name}: geometry", len(self.groups(task)) * 10, lambda t=task: self._geometry(t)))
+            stages.append(Stage(f"{name}: figures", 20, lambda t=task: self._figures(t)))
+        stages.append(Stage("tables", 1, self._tables))
+        stages.append(Stage("report", 2, self._report))
+        return stages
+
+    def run(self) -> Path:
+        """Run or resume the study; return the path of ``report.html``."""
+        (self.folder / "config.toml").write_text(dump_toml(self.config))
+        (self.folder / "tables").mkdir(exist_ok=True)
+        started = time.perf_counter()
+        run_stages(self.stages(), self.manifest, progress=self.progress)
+        log.info("study finished in %.0f s", time.perf_counter() - started)
+        return self.folder / "report.html"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("icl-geometry")
+    except PackageNotFoundError:
+        return "dev"
