@@ -77,8 +77,7 @@ class HeadsSection:
     shots: int = 8  #: k of the prompts that are scored, ablated and used for task vectors
     n_score: int = 50  #: prompts used for the PTH / IH scores and task vectors (the paper's 50)
     fraction: float = 0.1  #: top fraction of all heads taken as PTH / IH sets (the paper's 10%)
-    mode: str = "zero"  #: ablation mode, zero or mean
-    seed: int = 0  #: seed of the random control set
+    mode: str = "zero"  #: ablation mode, zero or mean (the random control set is drawn with data.seed)
 
 
 @dataclass

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from extraction.extract import accuracy
-from extraction.store import list_groups, open_group
+from extraction.store import open_group
+from geometry.plots import default_layers
 from icl_geometry.config import StudyConfig, dump_toml
 from icl_geometry.report import write_report
 from icl_geometry.stages import Manifest, Stage, run_stages
@@ -29,7 +29,7 @@ from icl_geometry.stages import Manifest, Stage, run_stages
 log = logging.getLogger(__name__)
 
 INTERVENTION_GROUPS = ("ablate_pth", "ablate_ih", "ablate_random", "inject_ih", "inject_pth")
-TABLES = ("accuracy", "measures", "transitions", "head_scores", "head_sets", "placement")
+TABLES = ("accuracy", "measures", "transitions", "changes", "head_scores", "head_sets", "placement")
 
 
 def task_label(task: str) -> str:
@@ -91,54 +91,64 @@ class Study:
 
     def _heads(self, task: str) -> None:
         import heads
+        from heads.plots import save
 
         settings = self.config.heads
         result = heads.study(
             self.loaded, self.store(task), task=task, shots=settings.shots, n=self.config.data.n,
             seed=self.config.data.seed, fraction=settings.fraction, n_score=settings.n_score, mode=settings.mode,
-            random_seed=settings.seed, batch_size=self.config.model.batch_size, measures=False,
-            progress=self.progress, **self.prompt_options(),
+            batch_size=self.config.model.batch_size, measures=False, progress=self.progress, **self.prompt_options(),
         )
-        scores = result.scores.to_dataframe().reset_index()
-        self._write_part("head_scores", task, scores)
-        sets = pd.DataFrame([{"set": name, "layer": layer, "head": head}
-                             for name, members in result.sets.items() for layer, head in members])
-        self._write_part("head_sets", task, sets)
-        self._write_part("placement", task, pd.DataFrame([result.placement]))
-        heads.plot_scores(result.scores, self.figures(task) / "head_scores.png", sets=result.sets)
+        self._write_part("head_scores", task, result.scores.to_dataframe().reset_index())
+        self._write_part("head_sets", task, pd.DataFrame([
+            {"set": name, "layer": layer, "head": head} for name, members in result.sets.items()
+            for layer, head in members
+        ]))
+        placement = result.placement
+        self._write_part("placement", task, pd.DataFrame([{
+            "mean_layer_ih": placement.mean_a, "mean_layer_pth": placement.mean_b,
+            "u_statistic": placement.u_statistic, "p_value": placement.p_value,
+            "ih_heads": len(result.sets["ih"]), "pth_heads": len(result.sets["pth"]),
+        }]))
+        save(heads.plot_scores(result.scores, sets=result.sets), self.figures(task) / "head_scores", ("png", "svg"))
 
     def _geometry(self, task: str) -> None:
+        """Measure every group, write the measure, transition and accuracy tables, and draw the curves."""
         import geometry
+        from geometry.sweep import tidy
 
-        settings = self.config.geometry
-        store = self.store(task)
-        groups = [g for g in self.groups(task) if g in list_groups(store)]
-        measures = geometry.table(store, groups=groups, n_boot=settings.n_boot, seed=settings.seed,
-                                  rank=settings.rank, progress=self.progress)
-        self._write_part("measures", task, measures)
-        transitions = pd.DataFrame([{"group": group, **geometry.transition(measures, group=group).as_dict()}
-                                    for group in groups])
-        self._write_part("transitions", task, transitions)
+        settings, store = self.config.geometry, self.store(task)
+        results = geometry.measure_groups(store, self.groups(task), n_boot=settings.n_boot, seed=settings.seed,
+                                          rank=settings.rank, progress=self.progress)
+        self._write_part("measures", task, tidy(list(results.values())))
+        transitions = [geometry.transition(result).to_dict() for result in results.values()]
+        self._write_part("transitions", task, pd.DataFrame(transitions).rename(columns={"layer": "transition_layer"}))
         self._write_part("accuracy", task, pd.DataFrame([
-            {"group": group, "shots": int(dataset.attrs["shots"]), **accuracy(dataset)}
-            for group in groups for dataset in [open_group(store, group)]
+            {"group": group, "shots": int(result.attrs["shots"]), "accuracy": result.attrs["accuracy"],
+             "label_accuracy": result.attrs["label_accuracy"]} for group, result in results.items()
         ]))
+        self._draw(task, results)
 
-    def _figures(self, task: str) -> None:
+    def _draw(self, task: str, results: dict) -> None:
         import geometry
 
-        measures = pd.read_csv(self.part("measures", task))
-        transitions = pd.read_csv(self.part("transitions", task))
-        folder = self.figures(task)
-        main = [g for g in ("icl", "zero_shot", *INTERVENTION_GROUPS) if g in set(measures.group)]
-        geometry.plot_curves(measures, folder / "curves.png", groups=main, transitions=transitions)
-        changes = [g for g in INTERVENTION_GROUPS if g in set(measures.group)]
-        if changes:
-            geometry.plot_changes(measures, folder / "changes.png", groups=changes)
+        folder, formats = self.figures(task), ("png", "svg")
+        main = [results[g] for g in ("icl", "zero_shot", *INTERVENTION_GROUPS) if g in results]
+        geometry.plot_measures(main, folder, name="curves", formats=formats)
         k_groups = [self.icl_group(k) for k in self.config.k_values]
         if len(k_groups) > 1:
-            geometry.plot_curves(measures, folder / "k_sweep.png", groups=["zero_shot", *k_groups])
-        geometry.plot_projections(self.store(task), "icl", folder / "projections.png")
+            geometry.plot_measures([results["zero_shot"], *(results[g] for g in k_groups)], folder, name="k_sweep",
+                                   formats=formats)
+        if self.config.heads.enabled:
+            from heads.pipeline import measure_changes
+            from heads.plots import plot_changes, save
+
+            changes = measure_changes(results, {g: g for g in results})
+            self._write_part("changes", task, changes)
+            save(plot_changes(changes), folder / "changes", formats)
+        icl = open_group(self.store(task), "icl")
+        geometry.plot_projections(icl, default_layers(icl.sizes["layer"]), folder, methods=("pca",),
+                                  name="projections", formats=formats)
 
     def _tables(self) -> None:
         tables = self.folder / "tables"
@@ -187,8 +197,7 @@ class Study:
             if self.config.heads.enabled:
                 stages.append(Stage(f"{name}: heads", n * 4 + self.config.heads.n_score * 2,
                                     lambda t=task: self._heads(t)))
-            stages.append(Stage(f"{name}: geometry", len(self.groups(task)) * 10, lambda t=task: self._geometry(t)))
-            stages.append(Stage(f"{name}: figures", 20, lambda t=task: self._figures(t)))
+            stages.append(Stage(f"{name}: geometry", len(self.groups(task)) * 10 + 20, lambda t=task: self._geometry(t)))
         stages.append(Stage("tables", 1, self._tables))
         stages.append(Stage("report", 2, self._report))
         return stages
