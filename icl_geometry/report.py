@@ -84,7 +84,8 @@ def _task_section(folder: Path, task: str, tables: dict[str, pd.DataFrame]) -> s
     parts.append(_image(figures / "k_sweep.png", f"{task} k sweep"))
     if not transitions.empty:
         parts.append("<h3>Transition layer</h3>")
-        parts.append(_table(transitions.drop(columns=["task"], errors="ignore")))
+        parts.append(_table(transitions.drop(columns=["task", "method"], errors="ignore")))
+        parts.append(f"<p class='muted'>Method: {html.escape(str(transitions.method.iloc[0]))}.</p>")
     parts.append("<h3>Heads</h3>")
     parts.append(_image(figures / "head_scores.png", f"{task} head scores"))
     if not placement.empty:

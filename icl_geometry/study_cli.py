@@ -38,7 +38,7 @@ def summary(folder: Path) -> str:
                   for r in rows.itertuples()]
         chosen = measures[(measures.task == task) & measures.group.isin(["icl", "zero_shot"])
                           & measures.measure.isin(["separability", "composite_alignment"])]
-        wide = chosen.pivot_table(index="layer", columns=["measure", "group"], values="value")
+        wide = chosen.astype({"layer": int}).pivot_table(index="layer", columns=["measure", "group"], values="value")
         wide.columns = [f"{m[:4]}.{g}" for m, g in wide.columns]
         lines.append(f"== {task}: separability (sepa) and composite alignment (comp) per layer, ICL vs zero-shot")
         lines.append(wide.round(3).to_string())
