@@ -65,6 +65,7 @@ class GeometrySection:
     """The layer-wise measures."""
 
     n_boot: int = 1000  #: bootstrap resamples of the queries for confidence intervals
+    n_boot_separability: int = 20  #: resamples for separability's CI (each refits the probe, so fewer)
     rank: int = 10  #: rank of the low-rank denoising
     seed: int = 0  #: bootstrap and classifier-split seed
 
@@ -115,7 +116,7 @@ def quick_config() -> StudyConfig:
     """A smoke-test study: one task, few queries, few resamples (a few minutes on a laptop CPU)."""
     return StudyConfig(
         data=DataSection(tasks=["sentiment"], n=24),
-        geometry=GeometrySection(n_boot=100),
+        geometry=GeometrySection(n_boot=100, n_boot_separability=10),
         heads=HeadsSection(n_score=16),
     )
 
@@ -163,8 +164,8 @@ def _validate(config: StudyConfig) -> StudyConfig:
         raise ConfigError("data.shots has no k > 0 and heads are disabled: there is no ICL setting to analyse")
     if not 0 < config.heads.fraction < 1:
         raise ConfigError(f"heads.fraction must be between 0 and 1, not {config.heads.fraction}")
-    if config.geometry.n_boot < 0 or config.geometry.rank < 1:
-        raise ConfigError("geometry.n_boot must be >= 0 and geometry.rank >= 1")
+    if min(config.geometry.n_boot, config.geometry.n_boot_separability) < 0 or config.geometry.rank < 1:
+        raise ConfigError("geometry.n_boot and geometry.n_boot_separability must be >= 0, geometry.rank >= 1")
     return config
 
 

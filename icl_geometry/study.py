@@ -119,7 +119,8 @@ class Study:
 
         settings, store = self.config.geometry, self.store(task)
         results = geometry.measure_groups(store, self.groups(task), n_boot=settings.n_boot, seed=settings.seed,
-                                          rank=settings.rank, progress=self.progress)
+                                          n_boot_separability=settings.n_boot_separability, rank=settings.rank,
+                                          progress=self.progress)
         self._write_part("measures", task, tidy(list(results.values())))
         transitions = [geometry.transition(result).to_dict() for result in results.values()]
         self._write_part("transitions", task, pd.DataFrame(transitions).rename(columns={"layer": "transition_layer"}))

@@ -1,0 +1,51 @@
+"""Attention heads behind in-context learning ([Y] Yang et al., NeurIPS 2025): head scores, selection, ablation and
+injection context managers, task vectors, a fast single-head ablation sweep, and the whole study in one call.
+
+Submodules are imported on first use, so ``import heads`` stays cheap::
+
+    import heads
+    scores = heads.score(loaded, task="sentiment", store="store.zarr")
+    ih = heads.top_heads(scores, "ih", fraction=0.1)
+    with heads.ablate(loaded, ih) as info:
+        extract(loaded, "store.zarr", setting="ablate_ih", intervention=info)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "HeadsError": "heads.errors",
+    "score": "heads.scores",
+    "load_scores": "heads.scores",
+    "attention_patterns": "heads.scores",
+    "eager_attention": "heads.scores",
+    "SCORES": "heads.scores",
+    "Head": "heads.selection",
+    "top_heads": "heads.selection",
+    "select_sets": "heads.selection",
+    "random_heads": "heads.selection",
+    "layer_placement": "heads.selection",
+    "Placement": "heads.selection",
+    "parse_heads": "heads.selection",
+    "ablate": "heads.interventions",
+    "inject": "heads.interventions",
+    "head_means": "heads.task_vectors",
+    "task_vector": "heads.task_vectors",
+    "sweep": "heads.sweeps",
+    "study": "heads.pipeline",
+    "HeadStudy": "heads.pipeline",
+    "plot_scores": "heads.plots",
+    "plot_accuracy": "heads.plots",
+    "plot_changes": "heads.plots",
+    "plot_study": "heads.plots",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'heads' has no attribute {name!r}")

@@ -1,0 +1,222 @@
+"""The heads study of [Y] in one call: score -> select -> ablate and inject -> re-extract -> measure -> compare.
+
+Groups written into the store (role: default group name; every name can be overridden with ``groups=``):
+
+============== ================= ======================================================================
+role           group             prompts and intervention
+============== ================= ======================================================================
+icl            ``icl``           ``shots``-shot, no intervention (the baseline of the ablations)
+zero_shot      ``zero_shot``     zero-shot, no intervention (the baseline of the injections)
+ablate_pth     ``ablate_pth``    ``shots``-shot, top PTH heads ablated
+ablate_ih      ``ablate_ih``     ``shots``-shot, top IH heads ablated
+ablate_random  ``ablate_random`` ``shots``-shot, as many random heads from outside both top sets ablated
+inject_ih      ``inject_ih``     zero-shot, IH task vector added to the final state at state index round(3L/8)
+inject_pth     ``inject_pth``    zero-shot, PTH task vector added to the final state at state index 2
+============== ================= ======================================================================
+
+Head scores are saved as group ``head_scores``. Every step re-uses what the store already holds: extraction
+resumes or skips complete groups, scores are re-used when their configuration matches, and a complete intervention
+group whose recorded intervention matches is not recomputed (nor is its task vector or head means), so a re-run
+costs only the measures.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from extraction.errors import StoreError
+from extraction.extract import accuracy, extract
+from extraction.models import LoadedModel
+from extraction.store import open_group
+from extraction.tasks import Task
+from heads.errors import HeadsError
+from heads.interventions import MODES, ablate, check_state_index, describe_ablation, describe_injection, inject
+from heads.records import same_record
+from heads.scores import score
+from heads.selection import Head, Placement, layer_placement, random_heads, select_sets
+from heads.task_vectors import head_means, task_vector
+
+log = logging.getLogger(__name__)
+
+ROLES = ("icl", "zero_shot", "ablate_pth", "ablate_ih", "ablate_random", "inject_ih", "inject_pth")
+#: Rows of the accuracy table: setting -> role.
+SETTINGS = {
+    "normal": "icl", "without PTH": "ablate_pth", "without IH": "ablate_ih", "random heads": "ablate_random",
+    "zero-shot": "zero_shot", "zero-shot + IH vector": "inject_ih", "zero-shot + PTH vector": "inject_pth",
+}
+#: Each intervention role and the role it is compared with.
+BASELINES = {"ablate_pth": "icl", "ablate_ih": "icl", "ablate_random": "icl", "inject_ih": "zero_shot",
+             "inject_pth": "zero_shot"}
+
+
+@dataclass
+class HeadStudy:
+    """What :func:`study` found: scores, head sets, layer placement, accuracies and layer-wise measure changes."""
+
+    store: Path
+    scores: xr.Dataset
+    sets: dict[str, list[Head]]
+    placement: Placement
+    accuracy: pd.DataFrame
+    groups: dict[str, str]
+    injection_layers: dict[str, int]
+    measures: dict[str, xr.Dataset] = field(default_factory=dict)
+    changes: pd.DataFrame | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready digest: sets, placement, accuracy table and injection layers."""
+        return {
+            "store": str(self.store), "groups": self.groups, "injection_layers": self.injection_layers,
+            "sets": {name: [list(h) for h in heads] for name, heads in self.sets.items()},
+            "placement": self.placement.to_dict(),
+            "accuracy": self.accuracy.reset_index().to_dict(orient="records"),
+        }
+
+
+def injection_layer(n_layers: int) -> int:
+    """[Y]'s IH injection state index, round(3L/8) rounded half up."""
+    return int(np.floor(3 * n_layers / 8 + 0.5))
+
+
+def _complete_with(store: Path, group: str, intervention: dict[str, Any]) -> bool:
+    """Whether ``group`` is complete and was written under ``intervention``."""
+    try:
+        dataset = open_group(store, group)
+    except StoreError:
+        return False
+    return same_record(dataset.attrs.get("intervention"), intervention)
+
+
+def _extract_under(loaded: LoadedModel, store: Path, group: str, intervention: dict[str, Any],
+                   enter: Callable[[], AbstractContextManager], **extract_kwargs: Any) -> xr.Dataset:
+    """Extract ``group`` inside the context ``enter()`` builds, unless it is already complete with ``intervention``
+    (then nothing is computed: not even the context's vector or means)."""
+    if _complete_with(store, group, intervention):
+        log.info("re-using complete group %s", group)
+        return extract(loaded, store, setting=group, intervention=intervention, **extract_kwargs)
+    with enter():
+        return extract(loaded, store, setting=group, intervention=intervention, **extract_kwargs)
+
+
+def accuracy_table(store: Path, groups: dict[str, str]) -> pd.DataFrame:
+    """Accuracy (whole vocabulary, the paper's) and label-restricted accuracy of every setting, indexed by setting."""
+    rows = []
+    for setting, role in SETTINGS.items():
+        dataset = open_group(store, groups[role])
+        rows.append({"setting": setting, "group": groups[role], "n": int(dataset.sizes["example"]),
+                     **accuracy(dataset)})
+    return pd.DataFrame(rows).set_index("setting")
+
+
+def measure_changes(measures: dict[str, xr.Dataset], groups: dict[str, str]) -> pd.DataFrame:
+    """Per intervention, layer and measure: value, its baseline's value and the change (intervention - baseline)."""
+    frames = []
+    for role, base in BASELINES.items():
+        value, baseline = measures[role]["value"], measures[base]["value"]
+        frame = xr.Dataset({"value": value, "baseline_value": baseline, "change": value - baseline}).to_dataframe()
+        frame = frame.reset_index()
+        frame.insert(0, "baseline", groups[base])
+        frame.insert(0, "group", groups[role])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _group_names(groups: dict[str, str] | None) -> dict[str, str]:
+    unknown = sorted(set(groups or {}) - set(ROLES))
+    if unknown:
+        raise HeadsError(f"unknown group role(s) {', '.join(unknown)}; roles are {', '.join(ROLES)}")
+    names = {**{role: role for role in ROLES}, **(groups or {})}
+    if len(set(names.values())) != len(names):
+        raise HeadsError(f"two roles share a group name: {names}")
+    return names
+
+
+def study(
+    loaded: LoadedModel,
+    store: str | Path,
+    *,
+    task: str | Task = "sentiment",
+    shots: int = 8,
+    n: int = 64,
+    seed: int = 0,
+    fraction: float | None = 0.1,
+    k: int | None = None,
+    overlap: str = "keep",
+    n_score: int = 50,
+    mode: str = "zero",
+    ih_layer: int | None = None,
+    pth_layer: int = 2,
+    measures: bool = True,
+    n_boot: int = 200,
+    batch_size: int = 8,
+    groups: dict[str, str] | None = None,
+    progress: bool = True,
+    **prompt_options: Any,
+) -> HeadStudy:
+    """Run [Y]'s heads study on ``task`` and return a :class:`HeadStudy` (see the module docstring for the groups).
+
+    Heads are scored on the first ``n_score`` prompts, the top ``fraction`` (or ``k``) by each score form the PTH
+    and IH sets (``overlap``: see :func:`heads.select_sets`), and the random control has the IH set's size. Task
+    vectors come from the same ``n_score`` ``shots``-shot prompts. With ``measures`` every group is measured with
+    ``geometry.measure`` (``n_boot`` resamples) and the changes against each baseline are tabulated.
+    ``prompt_options`` are ``extraction.extract``'s prompt settings (template, separator, ...).
+    """
+    store = Path(store)
+    names = _group_names(groups)
+    arch = loaded.arch
+    layers = {"ih": injection_layer(arch.n_layers) if ih_layer is None else ih_layer, "pth": pth_layer}
+    for layer in layers.values():
+        check_state_index(arch, layer)
+    if mode not in MODES:
+        raise HeadsError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
+    common = dict(task=task, n=n, seed=seed, batch_size=batch_size, progress=progress, **prompt_options)
+    reference = dict(task=task, shots=shots, n=n_score, seed=seed, batch_size=batch_size, progress=progress,
+                     **prompt_options)
+    extract(loaded, store, shots=shots, setting=names["icl"], **common)
+    extract(loaded, store, shots=0, setting=names["zero_shot"], **common)
+
+    scores = score(loaded, store=store, **reference)
+    sets = select_sets(scores, fraction=fraction, k=k, overlap=overlap)
+    sets["random"] = random_heads(arch.n_layers, arch.n_heads, len(sets["ih"]), exclude=sets["pth"] + sets["ih"],
+                                  seed=seed)
+    placement = layer_placement(sets["ih"], sets["pth"], names=("ih", "pth"))
+    log.info("top sets: %s; placement %s", sets, placement)
+
+    source = {"shots": shots, "n": n_score, "seed": seed}  # the reference prompts of head means and task vectors
+    means = functools.cache(lambda: head_means(loaded, **reference) if mode == "mean" else None)
+
+    def ablation(name: str) -> AbstractContextManager:
+        return ablate(loaded, sets[name], mode=mode, means=means())
+
+    def injection(name: str) -> AbstractContextManager:
+        return inject(loaded, task_vector(loaded, sets[name], **reference), layers[name])
+
+    for name in ("pth", "ih", "random"):
+        description = {**describe_ablation(sets[name], mode), "set": name,
+                       **({"means_reference": source} if mode == "mean" else {})}
+        _extract_under(loaded, store, names[f"ablate_{name}"], description, functools.partial(ablation, name),
+                       shots=shots, **common)
+    for name, layer in layers.items():
+        description = {**describe_injection(layer), "vector": f"{name} task vector",
+                       "heads": [list(h) for h in sets[name]], "reference": source}
+        _extract_under(loaded, store, names[f"inject_{name}"], description, functools.partial(injection, name),
+                       shots=0, **common)
+
+    result = HeadStudy(store, scores, sets, placement, accuracy_table(store, names), names,
+                       {f"inject_{name}": layer for name, layer in layers.items()})
+    if measures:
+        import geometry
+
+        result.measures = {role: geometry.measure(store, group=names[role], n_boot=n_boot, seed=seed,
+                                                  progress=progress) for role in ROLES}
+        result.changes = measure_changes(result.measures, names)
+    return result
