@@ -135,7 +135,7 @@ def run_inject(args: argparse.Namespace) -> int:
     from extraction.extract import accuracy, extract
     from heads.interventions import inject
     from heads.pipeline import injection_layer
-    from heads.task_vectors import task_vector
+    from heads.task_vectors import VECTOR_SPACE, task_vector
 
     loaded = _load(args)
     heads = _named_set(args, loaded, args.vector)
@@ -146,7 +146,7 @@ def run_inject(args: argparse.Namespace) -> int:
     setting = args.setting or f"inject_{args.vector}"
     with inject(loaded, vector, layer) as description:
         dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
-                          intervention={**description, "vector": f"{args.vector} task vector",
+                          intervention={**description, "vector": f"{args.vector} task vector", "space": VECTOR_SPACE,
                                         "heads": [list(h) for h in heads],
                                         "reference": {"shots": args.shots, "n": args.n_score, "seed": args.seed}},
                           **{**kwargs, "shots": 0})

@@ -43,7 +43,7 @@ from heads.interventions import MODES, ablate, check_state_index, describe_ablat
 from heads.records import same_record
 from heads.scores import score
 from heads.selection import Head, Placement, layer_placement, random_heads, select_sets
-from heads.task_vectors import head_means, task_vector
+from heads.task_vectors import VECTOR_SPACE, head_means, task_vector
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def study(
         _extract_under(loaded, store, names[f"ablate_{name}"], description, functools.partial(ablation, name),
                        shots=shots, **common)
     for name, layer in layers.items():
-        description = {**describe_injection(layer), "vector": f"{name} task vector",
+        description = {**describe_injection(layer), "vector": f"{name} task vector", "space": VECTOR_SPACE,
                        "heads": [list(h) for h in sets[name]], "reference": source}
         _extract_under(loaded, store, names[f"inject_{name}"], description, functools.partial(injection, name),
                        shots=0, **common)

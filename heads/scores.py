@@ -174,7 +174,8 @@ def load_scores(store: str | Path, group: str = GROUP) -> xr.Dataset:
     if group not in list_groups(store):
         raise HeadsError(f"store {store} has no {group!r} group; run heads.score(loaded, store=...) "
                          "or `icl-geometry heads score STORE` first")
-    return xr.open_zarr(str(store), group=group, consolidated=False).load()
+    dataset = xr.open_zarr(str(store), group=group, consolidated=False).load()
+    return dataset[[name for name in SCORES if name in dataset]]  # the store does not keep the variables' order
 
 
 def score(

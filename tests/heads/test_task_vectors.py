@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from extraction.capture import forward_last
 from heads.prompting import prompt_batches
-from heads.task_vectors import head_means, task_vector
+from heads.task_vectors import attention_output_norms, head_means, task_vector
 
 
 def projection_inputs(loaded, reference):
@@ -21,10 +22,10 @@ def projection_inputs(loaded, reference):
     return seen
 
 
-def test_task_vector_is_the_sum_of_mean_head_contributions(tiny):
+def test_projection_space_task_vector_is_the_sum_of_mean_head_projections(tiny):
     arch = tiny.arch
     heads = [(0, 1), (arch.n_layers - 1, 2)]
-    vector = task_vector(tiny, heads, shots=2, n=5, batch_size=2, progress=False)
+    vector = task_vector(tiny, heads, shots=2, n=5, batch_size=2, post_norm=False, progress=False)
     assert vector.shape == (arch.hidden_size,)
     reference = prompt_batches(tiny, shots=2, n=5, batch_size=2)
     expected = torch.zeros(arch.hidden_size)
@@ -47,3 +48,33 @@ def test_head_means_average_real_tokens_only(tiny_gemma):
         total += inputs[2][mask.bool()].sum(0)
         count += int(mask.sum())
     torch.testing.assert_close(means[2].reshape(-1), total / count, atol=1e-5, rtol=1e-4)
+
+
+def test_post_attention_norms_are_found_by_what_they_receive(tiny_models):
+    gemma = tiny_models["gemma3"]
+    assert [n is layer.post_attention_layernorm for n, layer in
+            zip(attention_output_norms(gemma), gemma.arch.layers)] == [True] * gemma.arch.n_layers
+    for name in ("llama", "gpt2"):  # their attention output is added to the residual directly
+        assert attention_output_norms(tiny_models[name]) == (None,) * tiny_models[name].arch.n_layers
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llama"])
+def test_all_heads_of_a_layer_write_what_the_attention_sublayer_adds(tiny_models, name):
+    """Summed over every head of a layer, the residual writes are the attention sublayer's actual write."""
+    loaded = tiny_models[name]
+    arch, layer = loaded.arch, 1
+    vector = task_vector(loaded, [(layer, h) for h in range(arch.n_heads)], shots=1, n=3, batch_size=3, progress=False)
+    block = arch.layers[layer]
+    writer = block.post_attention_layernorm if name == "gemma3" else arch.attentions[layer]
+    seen = []
+
+    def keep_last(module, args, output):
+        seen.append((output[0] if isinstance(output, tuple) else output)[:, -1])
+
+    handle = writer.register_forward_hook(keep_last)
+    try:
+        for _, encoded in prompt_batches(loaded, shots=1, n=3, batch_size=3).batches:
+            forward_last(loaded.model, encoded.input_ids, encoded.attention_mask)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(vector, torch.cat(seen).mean(0), atol=1e-4, rtol=1e-4)
