@@ -20,6 +20,7 @@ mean instead.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -122,15 +123,14 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def residual_writes(arch: Architecture, layer: int, heads: Sequence[int], inputs: torch.Tensor,
+def residual_writes(projection: nn.Module, head_dim: int, heads: Sequence[int], inputs: torch.Tensor,
                     attention_output: torch.Tensor, norm: nn.Module | None) -> torch.Tensor:
-    """What each of ``heads`` of ``layer`` writes into the residual stream, (len(heads), rows, hidden), from the
-    output projection's ``inputs`` (rows, n_heads * head_dim) and output (rows, hidden) at the same positions."""
-    projection = arch.output_projections[layer]
+    """What each of ``heads`` writes into the residual stream, (len(heads), rows, hidden), from the output
+    ``projection``'s ``inputs`` (rows, n_heads * head_dim) and output (rows, hidden) at the same positions."""
     rows, width = inputs.shape
     x = inputs.new_zeros(len(heads) + 1, rows, width)
     for i, head in enumerate(heads):
-        span = slice(head * arch.head_dim, (head + 1) * arch.head_dim)
+        span = slice(head * head_dim, (head + 1) * head_dim)
         x[i, :, span] = inputs[:, span]
     projected = projection(x)
     return norm_share(norm, projected[:-1] - projected[-1:], attention_output)  # last slot: the bias alone
@@ -169,10 +169,16 @@ class _LastPosition:
 
 
 def _check_shares(arch: Architecture, layer: int, record: _LastPosition, norm: nn.Module) -> None:
-    """The shares of all heads (and of the projection's bias) must add up to the norm of the attention output."""
-    inputs, output = record.inputs[layer], record.outputs[layer]
-    shares = residual_writes(arch, layer, range(arch.n_heads), inputs, output, norm).sum(0)
-    bias = arch.output_projections[layer](inputs.new_zeros(1, inputs.shape[-1])).expand_as(output)
+    """The shares of all heads (and of the projection's bias) must add up to the norm of the attention output.
+
+    Checked in float32 on copies of the projection and the norm, so a bfloat16 model's rounding is not mistaken for a
+    norm that is not an RMS norm.
+    """
+    projection, norm = copy.deepcopy(arch.output_projections[layer]).float(), copy.deepcopy(norm).float()
+    inputs = record.inputs[layer].float()
+    output = projection(inputs)
+    shares = residual_writes(projection, arch.head_dim, range(arch.n_heads), inputs, output, norm).sum(0)
+    bias = projection(inputs.new_zeros(1, inputs.shape[-1])).expand_as(output)
     if bias.abs().max() > 0:
         shares = shares + norm_share(norm, bias, output)
     expected = norm(output).float()
@@ -204,8 +210,8 @@ def task_vector(loaded: LoadedModel, heads: Sequence[Head], *, task: str | Task 
         for layer, layer_heads in by_layer.items():
             if step == 0 and norms[layer] is not None:
                 _check_shares(arch, layer, record, norms[layer])
-            writes = residual_writes(arch, layer, layer_heads, record.inputs[layer], record.outputs[layer],
-                                     norms[layer])
+            writes = residual_writes(arch.output_projections[layer], arch.head_dim, layer_heads,
+                                     record.inputs[layer], record.outputs[layer], norms[layer])
             total += writes.sum(dim=(0, 1)).double().cpu()
         count += len(encoded.input_ids)
     return (total / count).float()

@@ -78,3 +78,15 @@ def test_all_heads_of_a_layer_write_what_the_attention_sublayer_adds(tiny_models
     finally:
         handle.remove()
     torch.testing.assert_close(vector, torch.cat(seen).mean(0), atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_model_gets_the_post_norm_task_vector_of_its_float32_twin(tiny_gemma_dir, tiny_gemma):
+    """bfloat16 rounding is not mistaken for a norm that is not an RMS norm (the default study runs in bfloat16)."""
+    from extraction.models import load_model
+
+    half = load_model(str(tiny_gemma_dir), dtype="bfloat16")
+    heads = [(1, h) for h in range(half.arch.n_heads)]
+    vector = task_vector(half, heads, shots=1, n=4, batch_size=2, progress=False)
+    expected = task_vector(tiny_gemma, heads, shots=1, n=4, batch_size=2, progress=False)
+    assert vector.dtype == torch.float32
+    torch.testing.assert_close(vector, expected, atol=0.05 * expected.abs().max().item(), rtol=0.05)
