@@ -6,8 +6,7 @@ stay light for code that only reads stores.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from extraction.lazy import lazy_getattr
 
 _EXPORTS = {
     "load_model": "extraction.models",
@@ -28,8 +27,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'extraction' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

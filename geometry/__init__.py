@@ -10,8 +10,7 @@ never imports torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from extraction.lazy import lazy_getattr
 
 # Bound eagerly: the function shares its name with its module, and a lazy attribute would be shadowed by the
 # module as soon as anything imports ``geometry.transition``. The module needs only numpy.
@@ -48,8 +47,4 @@ _EXPORTS = {
 
 __all__ = sorted([*_EXPORTS, "Transition", "transition"])
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'geometry' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -12,8 +12,7 @@ Submodules are imported on first use, so ``import heads`` stays cheap::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from extraction.lazy import lazy_getattr
 
 _EXPORTS = {
     "HeadsError": "heads.errors",
@@ -44,8 +43,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'heads' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

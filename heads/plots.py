@@ -13,25 +13,13 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
+from geometry.plots import FORMATS, save
 from heads.selection import Head
 
 if TYPE_CHECKING:
     from heads.pipeline import HeadStudy
 
 SET_MARKERS = {"pth": ("s", "tab:blue"), "ih": ("o", "tab:red"), "random": ("x", "black")}
-FORMATS = ("png", "svg")
-
-
-def save(figure: Figure, stem: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
-    """Write ``figure`` as ``stem.<format>`` for each format (folders created); returns the paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for fmt in formats:
-        path = stem.with_suffix(f".{fmt}")
-        figure.savefig(path, dpi=150, bbox_inches="tight")
-        paths.append(path)
-    return paths
 
 
 def plot_scores(scores: xr.Dataset, *, variables: Sequence[str] | None = None,
@@ -89,10 +77,9 @@ def plot_changes(changes: pd.DataFrame, measures: Sequence[str] | None = None) -
 
 def plot_study(study: "HeadStudy", out: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
     """Write the study's figures into folder ``out``: head_scores, accuracy and (with measures) measure_changes."""
-    out = Path(out)
     formats = tuple(formats)
-    paths = save(plot_scores(study.scores, sets=study.sets), out / "head_scores", formats)
-    paths += save(plot_accuracy(study.accuracy), out / "accuracy", formats)
+    paths = save(plot_scores(study.scores, sets=study.sets), out, "head_scores", formats)
+    paths += save(plot_accuracy(study.accuracy), out, "accuracy", formats)
     if study.changes is not None:
-        paths += save(plot_changes(study.changes), out / "measure_changes", formats)
+        paths += save(plot_changes(study.changes), out, "measure_changes", formats)
     return paths

@@ -91,7 +91,7 @@ class Study:
 
     def _heads(self, task: str) -> None:
         import heads
-        from heads.plots import save
+        from geometry.plots import save
 
         settings = self.config.heads
         result = heads.study(
@@ -110,7 +110,7 @@ class Study:
             "u_statistic": placement.u_statistic, "p_value": placement.p_value,
             "ih_heads": len(result.sets["ih"]), "pth_heads": len(result.sets["pth"]),
         }]))
-        save(heads.plot_scores(result.scores, sets=result.sets), self.figures(task) / "head_scores", ("png", "svg"))
+        save(heads.plot_scores(result.scores, sets=result.sets), self.figures(task), "head_scores")
 
     def _geometry(self, task: str) -> None:
         """Measure every group, write the measure, transition and accuracy tables, and draw the curves."""
@@ -142,11 +142,12 @@ class Study:
                                    formats=formats)
         if self.config.heads.enabled:
             from heads.pipeline import measure_changes
-            from heads.plots import plot_changes, save
+            from geometry.plots import save
+            from heads.plots import plot_changes
 
             changes = measure_changes(results, {g: g for g in results})
             self._write_part("changes", task, changes)
-            save(plot_changes(changes), folder / "changes", formats)
+            save(plot_changes(changes), folder, "changes", formats)
         icl = open_group(self.store(task), "icl")
         geometry.plot_projections(icl, default_layers(icl.sizes["layer"]), folder, methods=("pca",),
                                   name="projections", formats=formats)
