@@ -65,7 +65,7 @@ class GeometrySection:
     """The layer-wise measures."""
 
     n_boot: int = 1000  #: bootstrap resamples of the queries for confidence intervals
-    n_boot_separability: int = 20  #: resamples for separability's CI (each refits the probe, so fewer)
+    n_boot_separability: int = 10  #: resamples for separability's CI (each refits the probe: raise for publication)
     rank: int = 10  #: rank of the low-rank denoising
     seed: int = 0  #: bootstrap and classifier-split seed
 

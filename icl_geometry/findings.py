@@ -59,13 +59,13 @@ def _icl_vs_zero_sentence(measures: pd.DataFrame) -> list[str]:
     values = {(g, m): late_mean(measures, g, m) for g in ("icl", "zero_shot") for m in STAGES}
     if any(pd.isna(v) for v in values.values()):
         return []
-    sep_gain = values["icl", "separability"] - values["zero_shot", "separability"]
-    align_gain = values["icl", "composite_alignment"] - values["zero_shot", "composite_alignment"]
-    main = "alignment more than separability" if abs(align_gain) > abs(sep_gain) else "separability more than alignment"
-    return [
-        f"Over the last third of the layers, ICL changes separability by {sep_gain:+.3f} and composite alignment by "
-        f"{align_gain:+.3f} relative to zero-shot: demonstrations mainly improve {main}."
-    ]
+    changes = [f"{_direction(values['icl', m] - values['zero_shot', m])} {m.replace('_', ' ')} "
+               f"({values['icl', m] - values['zero_shot', m]:+.3f})" for m in STAGES]
+    return [f"Over the last third of the layers, demonstrations {changes[0]} and {changes[1]} relative to zero-shot."]
+
+
+def _direction(change: float) -> str:
+    return "raise" if change > 0 else "lower" if change < 0 else "leave unchanged"
 
 
 def _transition_sentences(transitions: pd.DataFrame) -> list[str]:
