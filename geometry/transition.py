@@ -8,7 +8,9 @@ Method (all choices are parameters, recorded in the result):
    moving average of ``smooth`` layers (default 1: none);
 3. transition layer = the layer l >= plateau layer with the largest forward difference a[l+1] - a[l], i.e. the
    alignment surges between l and the next measured layer. None when no forward difference exists after the
-   plateau or none of them is positive (no surge: what zero-shot prompts show).
+   plateau or none of them exceeds ``min_rise`` (default 0: any rise; no surge is what zero-shot prompts should
+   show). The size of the surge is reported as ``rise``, so a nominal transition (a tiny rise) can be told apart
+   from the paper's surge; ``min_rise`` (in the alignment's units) turns such small rises into "no transition".
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def transition(result: xr.Dataset, *, plateau: float = 0.95, alignment: str = "composite_alignment",
-               smooth: int = 1) -> Transition:
+               smooth: int = 1, min_rise: float = 0.0) -> Transition:
     """The transition of one sweep result (:func:`geometry.measure`); see the module docstring for the method."""
     if not 0 < plateau <= 1:
         raise MeasureError(f"plateau must be in (0, 1], not {plateau!r}")
     smooth = check_int(smooth, "smooth", 1)
+    if not np.isfinite(min_rise) or min_rise < 0:
+        raise MeasureError(f"min_rise must be a finite number >= 0, not {min_rise!r}")
     missing = [m for m in ("separability", alignment) if m not in result["measure"].values]
     if missing:
         raise MeasureError(f"transition needs the measures {', '.join(missing)} in the sweep result")
@@ -62,14 +66,14 @@ def transition(result: xr.Dataset, *, plateau: float = 0.95, alignment: str = "c
     curve = _smooth(result["value"].sel(measure=alignment).values, smooth)
     method = (f"plateau: first layer with separability >= {plateau:g} x its max; transition: layer l >= plateau "
               f"with the largest forward difference of {alignment}"
-              f"{f' (moving average over {smooth} layers)' if smooth > 1 else ''}, a[l+1] - a[l] > 0")
+              f"{f' (moving average over {smooth} layers)' if smooth > 1 else ''}, a[l+1] - a[l] > {min_rise:g}")
     group = str(result.attrs.get("group", ""))
     reached = np.flatnonzero(separation >= plateau * np.nanmax(separation)) if np.isfinite(separation).any() else []
     if len(reached) == 0:
         return Transition(group, None, None, np.nan, alignment, method)
     start = int(reached[0])
     steps = np.diff(curve[start:])
-    if len(steps) == 0 or not np.nanmax(steps, initial=-np.inf) > 0:
+    if len(steps) == 0 or not np.nanmax(steps, initial=-np.inf) > min_rise:
         return Transition(group, None, int(layers[start]), np.nan, alignment, method)
     best = start + int(np.nanargmax(steps))
     return Transition(group, int(layers[best]), int(layers[start]), float(steps[best - start]), alignment, method)

@@ -77,7 +77,8 @@ def _transition_sentences(transitions: pd.DataFrame) -> list[str]:
                 sentences.append(f"{name}: no alignment rise after separability plateaus (no transition).")
             else:
                 sentences.append(f"{name}: separability plateaus by layer {int(row.plateau_layer)}; composite "
-                                 f"alignment rises most steeply at layer {int(row.transition_layer)} (the transition).")
+                                 f"alignment rises most steeply at layer {int(row.transition_layer)} (the transition, "
+                                 f"{row.rise:+.3f}).")
     return sentences
 
 

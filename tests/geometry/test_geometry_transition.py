@@ -47,3 +47,11 @@ def test_bad_requests():
         transition(result([1.0], [0.0]), alignment="mean_alignment")
     with pytest.raises(MeasureError, match="plateau must be in"):
         transition(result([1.0], [0.0]), plateau=1.5)
+
+
+def test_rises_below_min_rise_are_no_transition():
+    separation, composite = [0.5, 1.0, 1.0, 1.0], [0.0, 0.0, 0.01, 0.02]
+    assert transition(result(separation, composite)).layer == 1
+    assert transition(result(separation, composite), min_rise=0.05).layer is None
+    with pytest.raises(MeasureError, match="min_rise"):
+        transition(result(separation, composite), min_rise=-1)
