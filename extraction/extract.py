@@ -10,18 +10,17 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import platform
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from extraction.architecture import final_norm_form, unembed
+from extraction.architecture import final_norm_form
 from extraction.capture import LAYER_CONVENTION, run_with_capture
 from extraction.errors import StoreError
+from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.prompts import PromptConfig, PromptSet, build_prompts, encode, label_token_ids
 from extraction.store import GroupWriter, open_group
@@ -32,34 +31,6 @@ log = logging.getLogger(__name__)
 STORE_DTYPES = ("float32", "float16")
 LENS_CONVENTION = "logit lens: final norm applied to each layer's state, then the LM head (as for the model's output)"
 LIBRARIES = ("icl-geometry", "torch", "transformers", "numpy", "xarray", "zarr")
-#: Rows unembedded at once for the whole-vocabulary logit lens (bounds memory at rows x vocabulary floats).
-LENS_ROWS = 256  # rows unembedded at once: fewer passes over the (vocab x dim) matrix, ~270 MB of fp32 logits
-
-
-@dataclass
-class LensResult:
-    """Logit lens of a batch: whole-vocabulary top-1 token and label-word logits at every layer."""
-
-    top_token: np.ndarray  # (batch, layer)
-    label_logits: np.ndarray  # (batch, layer, class)
-
-
-@torch.no_grad()
-def logit_lens(loaded: LoadedModel, states: torch.Tensor, label_tokens: list[int]) -> LensResult:
-    """Unembed (B, L+1, d) states in row chunks, keeping only the top-1 token and the label words' logits."""
-    batch, layers, dim = states.shape
-    flat = states.reshape(-1, dim)
-    tops, labels = [], []
-    for start in range(0, len(flat), LENS_ROWS):
-        logits = unembed(loaded.arch, flat[start:start + LENS_ROWS].to(loaded.device)).float()
-        tops.append(logits.argmax(dim=-1).cpu())
-        labels.append(logits[:, label_tokens].cpu())
-    return LensResult(
-        torch.cat(tops).reshape(batch, layers).numpy(),
-        torch.cat(labels).reshape(batch, layers, -1).numpy(),
-    )
-
-
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

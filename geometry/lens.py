@@ -3,7 +3,7 @@
 The store keeps the label rows already multiplied by the final norm's gain (``lens_unembed``), the offset its bias
 adds (``lens_bias``) and whether the norm subtracts the mean (attr ``lens_center``), so the lens of any state
 (a low-rank reconstruction, say) is ``normalise(h) @ lens_unembedᵀ + lens_bias`` with
-``normalise(h) = (h - mean(h) if center else h) / RMS(...)``, as ``extraction.extract.logit_lens`` computes it
+``normalise(h) = (h - mean(h) if center else h) / RMS(...)``, as ``extraction.lens.logit_lens`` computes it
 through the model. The norm's epsilon is not stored and is left out: for residual states (RMS well above 1e-3) it
 changes logits by less than one part in a million. Only the label rows are stored, so this lens is
 label-restricted; a whole-vocabulary lens of new states needs the model.

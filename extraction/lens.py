@@ -1,0 +1,131 @@
+"""The whole-vocabulary logit lens of the query states: top-1 token and label-word logits at every layer.
+
+With a large vocabulary (Gemma 3: 262,144 rows) the lens costs about as much as the forward pass itself. For float32
+(or float64) models it therefore runs a **certified shortlist**: a bfloat16 pass over the whole vocabulary picks
+``SHORTLIST`` candidates per row, their logits are recomputed exactly, and the exact best candidate is accepted only
+when it beats every other token's bfloat16 logit by more than a rigorous bound on the bfloat16 error; rows that
+fail the check are unembedded exactly. The result is the exact top-1 token (the tie-break aside: the lowest token
+id among equal exact logits), at about a third of the cost.
+
+The bound, for a row ``h`` (after the final norm) and any token row ``u``: rounding ``h`` and ``u`` to bfloat16
+(unit roundoff ``e = 2**-8``) moves the dot product by at most ``(2e + e**2) |h| |u|``; summing ``d`` products in
+float32 (as CPU and CUDA bfloat16 matrix products accumulate) adds at most ``d * 2**-24 * (1 + e)**2 |h| |u|``;
+rounding the result to bfloat16 adds ``e |z|``. ``|u|`` is bounded by the largest row norm and ``|z|`` by the
+row's largest bfloat16 logit magnitude; the bound is then doubled as a margin.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from extraction.architecture import Architecture, unembed
+from extraction.models import LoadedModel
+
+#: Rows unembedded at once (bounds memory at rows x vocabulary logits).
+LENS_ROWS = 256
+#: Candidates per row kept from the bfloat16 pass.
+SHORTLIST = 16
+BF16_ROUNDOFF = 2.0 ** -8
+FP32_ROUNDOFF = 2.0 ** -24
+SAFETY = 2.0
+
+
+@dataclass
+class LensResult:
+    """Logit lens of a batch: whole-vocabulary top-1 token and label-word logits at every layer."""
+
+    top_token: np.ndarray  # (batch, layer)
+    label_logits: np.ndarray  # (batch, layer, class)
+
+
+@dataclass(frozen=True)
+class _HalfUnembedding:
+    """A bfloat16 copy of the unembedding weight and its largest row norm, tied to one version of the weight."""
+
+    version: tuple[int, int]
+    weight: torch.Tensor
+    max_row_norm: float
+
+
+_HALVES: "weakref.WeakKeyDictionary[torch.nn.Module, _HalfUnembedding]" = weakref.WeakKeyDictionary()
+
+
+def _half(arch: Architecture) -> _HalfUnembedding:
+    """The bfloat16 copy of ``arch``'s unembedding, made once and re-made if the weight changes in place."""
+    module, weight = arch.unembedding, arch.unembedding.weight
+    version = (weight.data_ptr(), weight._version)
+    cached = _HALVES.get(module)
+    if cached is None or cached.version != version:
+        cached = _HalfUnembedding(version, weight.detach().bfloat16(), float(weight.detach().norm(dim=1).max()))
+        _HALVES[module] = cached
+    return cached
+
+
+def shortlist_applies(arch: Architecture) -> bool:
+    """The certified shortlist serves float32/float64 unembeddings whose vocabulary is larger than the shortlist."""
+    weight = arch.unembedding.weight
+    return weight.dtype in (torch.float32, torch.float64) and weight.shape[0] > SHORTLIST
+
+
+def _error_bound(normed: torch.Tensor, approx: torch.Tensor, max_row_norm: float) -> torch.Tensor:
+    """Per row, a bound on |bfloat16 logit - exact logit| over the whole vocabulary (see the module docstring)."""
+    e, d = BF16_ROUNDOFF, normed.shape[-1]
+    products = normed.norm(dim=-1) * max_row_norm
+    rounding = (2 * e + e * e) * products + d * FP32_ROUNDOFF * (1 + e) ** 2 * products
+    output = e * approx.abs().amax(dim=-1) / (1 - e)
+    return SAFETY * (rounding + output)
+
+
+def _exact_top(normed: torch.Tensor, arch: Architecture) -> torch.Tensor:
+    return F.linear(normed, arch.unembedding.weight, arch.unembedding.bias).argmax(dim=-1)
+
+
+def shortlist_top(arch: Architecture, normed: torch.Tensor) -> torch.Tensor:
+    """Exact top-1 token of the logits of final-normed rows ``normed`` (rows, d), through the certified shortlist."""
+    half = _half(arch)
+    weight, bias = arch.unembedding.weight, arch.unembedding.bias
+    approx = F.linear(normed.bfloat16(), half.weight).to(normed.dtype)
+    if bias is not None:
+        approx += bias
+    values, candidates = approx.topk(SHORTLIST, dim=-1)
+    exact = torch.einsum("rd,rkd->rk", normed, weight[candidates])
+    if bias is not None:
+        exact += bias[candidates]
+    best = exact.max(dim=-1, keepdim=True).values
+    top = torch.where(exact == best, candidates, weight.shape[0]).min(dim=-1).values  # lowest id among ties
+    certified = best[:, 0] > values[:, -1] + _error_bound(normed, approx, half.max_row_norm)
+    if not bool(certified.all()):
+        unsure = ~certified
+        top[unsure] = _exact_top(normed[unsure], arch)
+    return top
+
+
+@torch.no_grad()
+def logit_lens(loaded: LoadedModel, states: torch.Tensor, label_tokens: list[int]) -> LensResult:
+    """Unembed (B, L+1, d) states in row chunks, keeping only the top-1 token and the label words' logits."""
+    arch = loaded.arch
+    batch, layers, dim = states.shape
+    flat = states.reshape(-1, dim)
+    fast = shortlist_applies(arch)
+    tops, labels = [], []
+    for start in range(0, len(flat), LENS_ROWS):
+        rows = flat[start:start + LENS_ROWS].to(loaded.device)
+        if fast:
+            normed = arch.final_norm(rows.to(arch.unembedding.weight.dtype))
+            tops.append(shortlist_top(arch, normed).cpu())
+            label_rows = F.linear(normed, arch.unembedding.weight[label_tokens],
+                                  None if arch.unembedding.bias is None else arch.unembedding.bias[label_tokens])
+            labels.append(label_rows.float().cpu())
+        else:
+            logits = unembed(arch, rows).float()
+            tops.append(logits.argmax(dim=-1).cpu())
+            labels.append(logits[:, label_tokens].cpu())
+    return LensResult(
+        torch.cat(tops).reshape(batch, layers).numpy(),
+        torch.cat(labels).reshape(batch, layers, -1).numpy(),
+    )
