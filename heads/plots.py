@@ -13,7 +13,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-from geometry.plots import FORMATS, save
+from geometry.plots import FORMATS, LABELS, save
 from heads.selection import Head
 
 if TYPE_CHECKING:
@@ -66,12 +66,14 @@ def plot_changes(changes: pd.DataFrame, measures: Sequence[str] | None = None) -
     axes = figure.subplots(rows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, names):
         for group, frame in changes[changes["measure"] == name].groupby("group", sort=False):
-            ax.plot(frame["layer"], frame["change"], label=group)
+            ax.plot(frame["layer"], frame["change"], label=f"{group} - {frame['baseline'].iloc[0]}")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=name, xlabel="layer")
+        ax.set(title=LABELS.get(name, (name,))[0], xlabel="layer", ylabel="change")
     for ax in axes[len(names):]:
         ax.set_visible(False)
-    axes[0].legend(fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small")
+    figure.suptitle("Change of each measure under each intervention (intervention minus its baseline)")
     return figure
 
 
