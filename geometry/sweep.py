@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from geometry import kernels
 from geometry.bootstrap import percentile_interval, resample_counts
 from geometry.errors import MeasureError
-from geometry.measures import (denoising_hits, lens_hits, prepare_alignment, quiet_probe, separability,
+from geometry.measures import (denoising_hits, lens_hits, prepare_alignment, probe_fitting, separability,
                                separability_bootstrap)
 from geometry.names import MEASURES, PAIRWISE
 from geometry.validation import check_fraction, check_int, check_labels, check_layers, check_states
@@ -251,7 +251,7 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
         top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
         return _summarise(layer_samples(H, top, arrays, settings), settings.measures)
 
-    with quiet_probe(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
+    with probe_fitting(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
         tables = np.stack(map_layers(one_layer, chosen, mode, bar))
     record = {key: "none" if value is None else value for key, value in asdict(settings).items()}
     attrs = {
