@@ -59,8 +59,8 @@ def _icl_vs_zero_sentence(measures: pd.DataFrame) -> list[str]:
     values = {(g, m): late_mean(measures, g, m) for g in ("icl", "zero_shot") for m in STAGES}
     if any(pd.isna(v) for v in values.values()):
         return []
-    changes = [f"{_direction(values['icl', m] - values['zero_shot', m])} {m.replace('_', ' ')} "
-               f"({values['icl', m] - values['zero_shot', m]:+.3f})" for m in STAGES]
+    gains = {m: values["icl", m] - values["zero_shot", m] for m in STAGES}
+    changes = [f"{_direction(gain)} {m.replace('_', ' ')} ({gain:+.3f})" for m, gain in gains.items()]
     return [f"Over the last third of the layers, demonstrations {changes[0]} and {changes[1]} relative to zero-shot."]
 
 
