@@ -180,3 +180,16 @@ def test_weighted_kernels_equal_the_measures_of_stacked_resamples():
         np.testing.assert_allclose(directed["variance"][b], expected.variance, rtol=1e-9)
         np.testing.assert_allclose(singular[b], expected.singular, rtol=1e-9)
         assert dims[b] == pytest.approx(effective_dimension(H[rows]), rel=1e-9)
+
+
+def test_separability_is_invariant_to_shifting_every_state():
+    """The probe's intercept is not penalised, so a common offset (hidden states carry large ones in a few
+    dimensions) cannot change the fitted classifier; the solver must reach the same answer from both origins."""
+    rng = np.random.default_rng(3)
+    n, dim, classes = 64, 100, 3
+    y = np.arange(n) % classes
+    H = 0.1 * rng.normal(size=(classes, dim))[y] + rng.normal(size=(n, dim))  # weakly separated classes
+    offset = np.zeros(dim)
+    offset[:3] = [400, -250, 150]
+    for seed in range(4):
+        assert separability(H + offset, y, seed=seed) == separability(H, y, seed=seed)
