@@ -34,7 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 
 from extraction.capture import position_ids, query_positions
-from extraction.extract import batches_by_length, extract
+from extraction.extractor import batches_by_length, extract
 from extraction.models import load_model
 from extraction.prompts import PromptConfig, build_prompts, encode
 from extraction.tasks import load_task

@@ -19,8 +19,8 @@ _EXPORTS = {
     "list_tasks": "extraction.tasks",
     "PromptConfig": "extraction.prompts",
     "build_prompts": "extraction.prompts",
-    "extract": "extraction.extract",
-    "ExtractionConfig": "extraction.extract",
+    "extract": "extraction.extractor",
+    "ExtractionConfig": "extraction.extractor",
     "open_group": "extraction.store",
     "list_groups": "extraction.store",
 }

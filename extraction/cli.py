@@ -68,7 +68,7 @@ def prompt_kwargs(args: argparse.Namespace) -> dict:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from extraction.extract import accuracy, extract
+    from extraction.extractor import accuracy, extract
     from extraction.models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)

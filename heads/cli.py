@@ -112,7 +112,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    from extraction.extract import accuracy, extract
+    from extraction.extractor import accuracy, extract
     from heads.interventions import ablate
     from heads.task_vectors import head_means
 
@@ -132,7 +132,7 @@ def run_ablate(args: argparse.Namespace) -> int:
 
 
 def run_inject(args: argparse.Namespace) -> int:
-    from extraction.extract import accuracy, extract
+    from extraction.extractor import accuracy, extract
     from heads.interventions import inject
     from heads.pipeline import injection_layer
     from heads.task_vectors import VECTOR_SPACE, task_vector

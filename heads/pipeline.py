@@ -34,7 +34,7 @@ import pandas as pd
 import xarray as xr
 
 from extraction.errors import StoreError
-from extraction.extract import accuracy, extract
+from extraction.extractor import accuracy, extract
 from extraction.models import LoadedModel
 from extraction.store import open_group
 from extraction.tasks import Task

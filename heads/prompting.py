@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from extraction.extract import batches_by_length
+from extraction.extractor import batches_by_length
 from extraction.models import LoadedModel
 from extraction.prompts import Encoded, PromptConfig, PromptSet, build_prompts, encode, label_token_ids
 from extraction.tasks import Task, load_task

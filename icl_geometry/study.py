@@ -83,7 +83,7 @@ class Study:
 
     # -- stages ---------------------------------------------------------------------------------------------------
     def _extract(self, task: str, k: int, group: str) -> None:
-        from extraction.extract import extract
+        from extraction.extractor import extract
 
         data = self.config.data
         extract(self.loaded, self.store(task), task=task, shots=k, n=data.n, seed=data.seed, setting=group,

@@ -5,7 +5,7 @@ import xarray as xr
 
 from extraction.architecture import unembed
 from extraction.errors import ModelLoadError, PromptError, StoreError
-from extraction.extract import accuracy, extract
+from extraction.extractor import accuracy, extract
 from extraction.models import load_model
 from extraction.store import list_groups, open_group
 

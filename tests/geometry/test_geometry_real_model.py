@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from extraction.extract import extract
+from extraction.extractor import extract
 from geometry import measure, transition
 
 

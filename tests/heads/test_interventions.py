@@ -7,7 +7,7 @@ import torch
 
 from extraction.architecture import unembed
 from extraction.capture import forward_last, run_with_capture
-from extraction.extract import extract
+from extraction.extractor import extract
 from heads.errors import HeadsError
 from heads.interventions import ablate, inject
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from extraction.extract import accuracy, extract
+from extraction.extractor import accuracy, extract
 from heads.interventions import ablate
 from heads.scores import score
 from heads.selection import layer_placement, random_heads, select_sets
