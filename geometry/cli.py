@@ -62,7 +62,7 @@ def run_measure(args: argparse.Namespace) -> int:
               f"{result.attrs['label_accuracy']:.3f}, n={result.attrs['n_examples']}")
         print(frame.to_string(float_format=lambda v: f"{v:.3f}"))
         if {"separability", "composite_alignment"} <= set(result["measure"].values):
-            found = transition(result)
+            found = transition(result, min_rise=args.min_rise)
             print(f"transition: layer {found.layer} (separability plateau from layer {found.plateau_layer})")
     print(f"wrote {path}")
     return 0
@@ -72,7 +72,7 @@ def run_plot(args: argparse.Namespace) -> int:
     from geometry.plots import plot_store
 
     paths = plot_store(args.store, args.group, args.out or _default_out(args.store, "_figures"), layers=args.layers,
-                       formats=args.format, **_sweep_kwargs(args))
+                       formats=args.format, min_rise=args.min_rise, **_sweep_kwargs(args))
     for path in paths:
         print(path)
     return 0
@@ -90,6 +90,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for the 95%% CIs; 0 skips them (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and the probe split (default: 0)")
     parser.add_argument("--rank", type=int, default=10, help="rank of the denoising reconstruction (default: 10)")
+    parser.add_argument("--min-rise", type=float, default=0.0, metavar="X",
+                        help="smallest rise of composite alignment that counts as a transition (default: 0, any rise)")
 
 
 def register(subparsers) -> None:

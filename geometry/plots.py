@@ -54,8 +54,10 @@ def save(fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = F
     return paths
 
 
-def _draw_measure(ax: Axes, results: Sequence[xr.Dataset], measure: str, mark_transition: bool) -> None:
-    """One measure's curves for every group, with CI bands and each group's transition as a dashed line."""
+def _draw_measure(ax: Axes, results: Sequence[xr.Dataset], measure: str, mark_transition: bool,
+                  min_rise: float = 0.0) -> None:
+    """One measure's curves for every group, with CI bands and each group's transition (:func:`transition` with
+    ``min_rise``) as a dashed line."""
     for colour, result in zip(_colours(len(results)), results):
         if measure not in result["measure"].values:
             continue
@@ -65,7 +67,7 @@ def _draw_measure(ax: Axes, results: Sequence[xr.Dataset], measure: str, mark_tr
         ax.plot(layers, row["value"].values, marker="o", markersize=3, color=colour, label=group)
         ax.fill_between(layers, row["ci_low"].values, row["ci_high"].values, color=colour, alpha=0.2, linewidth=0)
         if mark_transition and {"separability", "composite_alignment"} <= set(result["measure"].values):
-            found = transition(result)
+            found = transition(result, min_rise=min_rise)
             if found.layer is not None:
                 ax.axvline(found.layer, color=colour, linestyle="--", linewidth=1)
     title, unit = LABELS.get(measure, (measure, measure))
@@ -90,8 +92,9 @@ def _title(results: Sequence[xr.Dataset]) -> str:
 
 
 def plot_measures(results: Sequence[xr.Dataset], out_dir: str | Path, *, formats: Sequence[str] = FORMATS,
-                  name: str = "measures", mark_transition: bool = True) -> list[Path]:
-    """A grid with one panel per measure, every group's curve on shared axes; dashed lines mark transitions."""
+                  name: str = "measures", mark_transition: bool = True, min_rise: float = 0.0) -> list[Path]:
+    """A grid with one panel per measure, every group's curve on shared axes; dashed lines mark transitions
+    (rises of at most ``min_rise`` are not transitions, see :func:`geometry.transition`)."""
     results = list(results)
     names = list(dict.fromkeys(m for r in results for m in r["measure"].values))
     cols = min(4, len(names))
@@ -99,7 +102,7 @@ def plot_measures(results: Sequence[xr.Dataset], out_dir: str | Path, *, formats
     fig = Figure(figsize=(4 * cols, 3.2 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax, measure in zip(axes, names):
-        _draw_measure(ax, results, measure, mark_transition)
+        _draw_measure(ax, results, measure, mark_transition, min_rise)
     for ax in axes[len(names):]:
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -109,12 +112,13 @@ def plot_measures(results: Sequence[xr.Dataset], out_dir: str | Path, *, formats
 
 
 def plot_effective_dimension(results: Sequence[xr.Dataset], out_dir: str | Path, *,
-                             formats: Sequence[str] = FORMATS, name: str = "effective_dimension") -> list[Path]:
+                             formats: Sequence[str] = FORMATS, name: str = "effective_dimension",
+                             min_rise: float = 0.0) -> list[Path]:
     """Effective dimension by layer for every group, on its own (it rises, then falls, in [Y])."""
     results = list(results)
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    _draw_measure(ax, results, "effective_dimension", mark_transition=True)
+    _draw_measure(ax, results, "effective_dimension", mark_transition=True, min_rise=min_rise)
     ax.legend(title="group")
     fig.suptitle(_title(results))
     return save(fig, out_dir, name, formats)
@@ -182,10 +186,11 @@ def default_layers(n_layers: int, count: int = 4) -> list[int]:
 
 
 def plot_store(store: str | Path, groups: Sequence[str] | None = None, out_dir: str | Path = "figures", *,
-               layers: Sequence[int] | None = None, formats: Sequence[str] = FORMATS,
+               layers: Sequence[int] | None = None, formats: Sequence[str] = FORMATS, min_rise: float = 0.0,
                **measure_kwargs) -> list[Path]:
     """Measure the groups of a store and draw every figure: measures grid, effective dimension, projections at
-    ``layers`` (default: :func:`default_layers`). Layers are checked before anything is computed."""
+    ``layers`` (default: :func:`default_layers`). Layers are checked before anything is computed; ``min_rise`` is
+    the transitions' (:func:`geometry.transition`)."""
     from extraction.store import open_group
     from geometry.sweep import measure_groups, measured_groups
 
@@ -193,9 +198,9 @@ def plot_store(store: str | Path, groups: Sequence[str] | None = None, out_dir: 
     chosen = {name: check_layers(ds["layer"].values, layers) if layers else default_layers(ds.sizes["layer"])
               for name, ds in datasets.items()}
     results = list(measure_groups(store, list(datasets), **measure_kwargs).values())
-    paths = plot_measures(results, out_dir, formats=formats)
+    paths = plot_measures(results, out_dir, formats=formats, min_rise=min_rise)
     if any("effective_dimension" in r["measure"].values for r in results):
-        paths += plot_effective_dimension(results, out_dir, formats=formats)
+        paths += plot_effective_dimension(results, out_dir, formats=formats, min_rise=min_rise)
     for name, ds in datasets.items():
         paths += plot_projections(ds, chosen[name], out_dir, formats=formats, seed=measure_kwargs.get("seed", 0),
                                   name=f"projections_{name}")

@@ -68,6 +68,7 @@ class GeometrySection:
     n_boot_separability: int = 10  #: resamples for separability's CI (each refits the probe: raise for publication)
     rank: int = 10  #: rank of the low-rank denoising
     seed: int = 0  #: bootstrap and classifier-split seed
+    min_rise: float = 0.0  #: smallest rise of composite alignment that counts as a transition (0: any rise)
 
 
 @dataclass
@@ -166,6 +167,8 @@ def _validate(config: StudyConfig) -> StudyConfig:
         raise ConfigError(f"heads.fraction must be between 0 and 1, not {config.heads.fraction}")
     if min(config.geometry.n_boot, config.geometry.n_boot_separability) < 0 or config.geometry.rank < 1:
         raise ConfigError("geometry.n_boot and geometry.n_boot_separability must be >= 0, geometry.rank >= 1")
+    if not 0 <= config.geometry.min_rise < float("inf"):
+        raise ConfigError(f"geometry.min_rise must be a finite number >= 0, not {config.geometry.min_rise}")
     return config
 
 

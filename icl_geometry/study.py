@@ -122,7 +122,7 @@ class Study:
                                           n_boot_separability=settings.n_boot_separability, rank=settings.rank,
                                           progress=self.progress)
         self._write_part("measures", task, tidy(list(results.values())))
-        transitions = [geometry.transition(result).to_dict() for result in results.values()]
+        transitions = [geometry.transition(result, min_rise=settings.min_rise).to_dict() for result in results.values()]
         self._write_part("transitions", task, pd.DataFrame(transitions).rename(columns={"layer": "transition_layer"}))
         self._write_part("accuracy", task, pd.DataFrame([
             {"group": group, "shots": int(result.attrs["shots"]), "accuracy": result.attrs["accuracy"],
@@ -133,13 +133,13 @@ class Study:
     def _draw(self, task: str, results: dict) -> None:
         import geometry
 
-        folder, formats = self.figures(task), ("png", "svg")
+        folder, formats, min_rise = self.figures(task), ("png", "svg"), self.config.geometry.min_rise
         main = [results[g] for g in ("icl", "zero_shot", *INTERVENTION_GROUPS) if g in results]
-        geometry.plot_measures(main, folder, name="curves", formats=formats)
+        geometry.plot_measures(main, folder, name="curves", formats=formats, min_rise=min_rise)
         k_groups = [self.icl_group(k) for k in self.config.k_values]
         if len(k_groups) > 1:
             geometry.plot_measures([results["zero_shot"], *(results[g] for g in k_groups)], folder, name="k_sweep",
-                                   formats=formats)
+                                   formats=formats, min_rise=min_rise)
         if self.config.heads.enabled:
             from heads.pipeline import measure_changes
             from geometry.plots import save

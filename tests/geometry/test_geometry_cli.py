@@ -18,6 +18,12 @@ def test_measure_prints_a_table_and_writes_csv(tiny_store, tmp_path, capsys):
     assert {"separability", "denoising_gain", "accuracy"} <= set(frame["measure"])
 
 
+def test_min_rise_turns_small_rises_into_no_transition(tiny_store, tmp_path, capsys):
+    assert main(["measure", str(tiny_store), "--group", "icl", "--n-boot", "0", "--min-rise", "1e9",
+                 "--out", str(tmp_path / "m.csv")]) == 0
+    assert "transition: layer None" in capsys.readouterr().out
+
+
 def test_measure_default_csv_lands_next_to_the_store(tiny_store, tmp_path, capsys):
     assert main(["measure", str(tiny_store), "--group", "topic", "--n-boot", "0",
                  "--measures", "mean_alignment", "effective_dimension"]) == 0

@@ -50,6 +50,8 @@ def test_quick_builds_on_the_quick_defaults(tmp_path):
     ("[heads]\nfraction = 1.5", "heads.fraction must be between 0 and 1"),
     ("[data]\ntasks = [\"no_such_task\"]", "data.tasks: 'no_such_task' is neither"),
     ("[data]\ntasks = []", "data.tasks is empty"),
+    ("[geometry]\nmin_rise = -0.1", "geometry.min_rise must be a finite number >= 0"),
+    ("[geometry]\nmin_rise = inf", "geometry.min_rise must be a finite number >= 0"),
     ("[data]\nshots = [0]\n[heads]\nenabled = false", "no k > 0"),
     ("data = 3", "[data] must be a table"),
     ("[data\nn = 3", "cannot be parsed"),

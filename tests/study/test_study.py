@@ -83,3 +83,12 @@ def test_other_configuration_in_the_same_folder_is_refused(finished, tiny_gemma_
     config.data.n = 10
     with pytest.raises(ConfigError, match="another configuration"):
         Study(config, finished, progress=False)
+
+
+def test_min_rise_reaches_the_transition_table(tiny_gemma_dir, tmp_path):
+    config = tiny_config(tiny_gemma_dir)
+    config.heads.enabled = False
+    config.geometry.min_rise = 1e9  # no rise is that large: no group has a transition
+    Study(config, tmp_path, progress=False).run()
+    transitions = pd.read_csv(tmp_path / "tables" / "transitions.csv")
+    assert len(transitions) > 0 and transitions["transition_layer"].isna().all()
