@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 STORE_DTYPES = ("float32", "float16")
 LENS_CONVENTION = "logit lens: final norm applied to each layer's state, then the LM head (as for the model's output)"
 LIBRARIES = ("icl-geometry", "torch", "transformers", "numpy", "xarray", "zarr")
+
+
 def _versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in LIBRARIES:

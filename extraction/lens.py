@@ -84,7 +84,7 @@ def _outside_bound(normed: torch.Tensor, last: torch.Tensor, max_row_norm: float
 
 
 def _exact_top(normed: torch.Tensor, arch: Architecture) -> torch.Tensor:
-    return F.linear(normed, arch.unembedding.weight, arch.unembedding.bias).argmax(dim=-1)
+    return arch.unembedding(normed).argmax(dim=-1)
 
 
 def shortlist_top(arch: Architecture, normed: torch.Tensor) -> torch.Tensor:

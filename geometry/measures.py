@@ -33,8 +33,8 @@ from geometry.validation import (check_fraction, check_int, check_labels, check_
 def probe_fitting() -> Iterator[None]:
     """What every probe fit runs under: scikit-learn's ConvergenceWarning silenced (on separable hidden states lbfgs
     often stops at its default 100 iterations while the weights still grow; the held-out accuracy is well defined
-    regardless) and BLAS limited to one thread (the probe's matrices are small: on a 2-core CPU one fit on 1,000 x
-    640 states took 43 ms single-threaded against 414 ms with OpenBLAS's default threads).
+    regardless) and BLAS limited to one thread (the probe's matrices are small: on a 2-core CPU one 6-class fit on
+    1,000 x 640 states took 37 ms single-threaded against 150-180 ms with OpenBLAS's two threads).
 
     Both settings are process-global; nesting this in worker threads under the same context in the calling thread
     is safe, since every level sets the same values.
