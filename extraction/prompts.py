@@ -1,7 +1,9 @@
 """ICL prompts ``x1 y1 x2 y2 ... xk yk x``: seeded demonstration sampling, label-word checks, encoding.
 
 Every prompt records its query, demonstration indices, the labels shown with them and where in the text those
-label words are, so that head scores can find the demonstration label tokens and results stay reproducible.
+label words are, so that head scores can find the demonstration label tokens and results stay reproducible. A label
+word's token is read from the tokenized prompts (by character offsets), never from the word tokenized alone: a
+SentencePiece tokenizer in legacy mode splits a lone " positive" into a bare '▁' and '▁positive'.
 """
 
 from __future__ import annotations
@@ -78,8 +80,8 @@ class PromptSet:
     template: str
     config: PromptConfig
     task: str
+    probes: tuple[Prompt, ...]
     label_space: str = field(default=" ")
-    probes: tuple[Prompt, ...] = ()
 
     @property
     def labels(self) -> np.ndarray:
@@ -95,39 +97,25 @@ def label_prefix_space(template: str) -> str:
 def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
     """The token of each label word as the prompts show it: the first token of its answer, read by offsets.
 
-    Each word's token comes from its probe (the template filled with the word, in a prompt). Refused, naming the
-    words and tokens: a token that also covers text before the answer or after the word, multi-token words unless
-    ``allow_multitoken_labels`` (the first token then stands for the word), words whose tokens collide, and any
-    demonstration whose token at its label is not the word's token.
+    Each word's token comes from its probe (the template filled with the word, in a prompt), so zero-shot and ICL
+    prompts get the same tokens. Refused, naming the words and tokens: a token that also covers text before the
+    answer or after the word, multi-token words unless ``allow_multitoken_labels`` (the first token then stands for
+    the word), words whose tokens collide, and any demonstration whose token at its label is not the word's token.
     """
     probes = tokenizer([p.text for p in prompts.probes], return_offsets_mapping=True)
-    ids, multi = [], []
-    for word, probe, tokens, offsets in zip(prompts.label_words, prompts.probes, probes["input_ids"],
-                                            probes["offset_mapping"]):
-        start, end = probe.answer_spans[0]
-        hits = _covering(offsets, start, end)
-        if not hits:
-            raise LabelWordError(f"label word {word!r} tokenizes to nothing")
-        first, (a, b) = tokens[hits[0]], offsets[hits[0]]
-        name = tokenizer.convert_ids_to_tokens([first])[0]
-        if b > end:
-            raise LabelWordError(
-                f"the token {name!r} of label word {word!r} runs into the text after it ({probe.text[end:b]!r}); "
-                "choose another separator or label word"
-            )
-        if a < start:
-            raise LabelWordError(
-                f"the token {name!r} of label word {word!r} runs into the template text before it "
-                f"({probe.text[a:start]!r}); put a space or other fixed text before {{label}} in the template"
-            )
-        if len(hits) > 1:
-            multi.append(f"{word!r} -> {len(hits)} tokens {tokenizer.convert_ids_to_tokens([tokens[i] for i in hits])}")
-        ids.append(first)
+    answers = [
+        _answer_tokens(tokenizer, word, probe, tokens, offsets)
+        for word, probe, tokens, offsets in zip(prompts.label_words, prompts.probes, probes["input_ids"],
+                                                probes["offset_mapping"])
+    ]
+    multi = [f"{word!r} -> {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)}"
+             for word, tokens in zip(prompts.label_words, answers) if len(tokens) > 1]
     if multi and not prompts.config.allow_multitoken_labels:
         raise LabelWordError(
             "label words that are several tokens: " + "; ".join(multi)
             + ". Choose single-token words or allow multi-token labels (their first token is then scored)."
         )
+    ids = [tokens[0] for tokens in answers]
     seen: dict[int, str] = {}
     for word, token in zip(prompts.label_words, ids):
         if token in seen:
@@ -138,6 +126,26 @@ def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
         seen[token] = word
     _check_demonstrations(tokenizer, prompts, ids)
     return ids
+
+
+def _answer_tokens(tokenizer, word: str, probe: Prompt, tokens: list[int], offsets: list[tuple[int, int]]) -> list[int]:
+    """Ids of the tokens that write ``word``'s answer in its probe; its first token must cover nothing else."""
+    start, end = probe.answer_spans[0]
+    hits = _covering(offsets, start, end)
+    if not hits:
+        raise LabelWordError(f"label word {word!r} tokenizes to nothing")
+    (a, b), name = offsets[hits[0]], tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0]
+    if b > end:
+        raise LabelWordError(
+            f"the token {name!r} of label word {word!r} runs into the text after it ({probe.text[end:b]!r}); "
+            "choose another separator or label word"
+        )
+    if a < start:
+        raise LabelWordError(
+            f"the token {name!r} of label word {word!r} runs into the template text before it "
+            f"({probe.text[a:start]!r}); put a space or other fixed text before {{label}} in the template"
+        )
+    return [tokens[i] for i in hits]
 
 
 def _covering(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
@@ -157,9 +165,9 @@ def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int]) -> None
             expected = tokenizer.convert_ids_to_tokens([ids[label]])[0]
             raise LabelWordError(
                 f"label word {prompts.label_words[label]!r} is token {expected!r} but demonstration {number} of "
-                f"prompt {row} (query {prompt.query_index}) has {found!r} there "
-                f"(...{prompt.text[max(0, start - 20):end + 5]!r}); its tokens depend on the text around it: use "
-                "fixed template text before {label} and a separator after it"
+                f"prompt {row} (query {prompt.query_index}) has {found!r} there, in "
+                f"{prompt.text[max(0, start - 20):end + 5]!r}; the text around it changes its tokens: put fixed "
+                "template text before {label} and a separator after it"
             )
 
 
@@ -215,7 +223,7 @@ def build_prompts(task: Task, config: PromptConfig | None = None, **overrides) -
         prompts.append(_assemble(template, config.separator, task, int(query), demos, shown, words))
     probes = tuple(_assemble(template, config.separator, task, int(queries[0]), queries[:1], [label], words)
                    for label in range(len(words)))
-    return PromptSet(prompts, words, template, config, task.name, label_prefix_space(template), probes)
+    return PromptSet(prompts, words, template, config, task.name, probes, label_prefix_space(template))
 
 
 def _assemble(template: str, separator: str, task: Task, query: int, demos, shown, words: tuple[str, ...]) -> Prompt:

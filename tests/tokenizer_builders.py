@@ -1,14 +1,15 @@
 """Real subword tokenizers trained inside the tests on the built-in datasets (no download).
 
-* :func:`sentencepiece_llama_tokenizer`: a SentencePiece BPE model (byte fallback) trained with the ``sentencepiece``
-  library and wrapped the way Llama 2's published ``tokenizer.json`` wraps its model: normalizer prepend '▁' then
-  replace ' ' with '▁', no pre-tokenizer, ``<s>`` prepended. A lone ``" positive"`` then tokenizes to
-  ``['▁', '▁positive']`` (the legacy prefix-space behaviour), while ``"Sentiment: positive"`` ends in ``'▁positive'``.
+* :func:`sentencepiece_llama_tokenizer`: a SentencePiece BPE model (byte fallback) trained with the
+  ``sentencepiece`` library and wrapped the way Llama 2's published ``tokenizer.json`` wraps its model: normalizer
+  prepend '▁' then replace ' ' with '▁', no pre-tokenizer, ``<s>`` prepended. A lone ``" positive"`` then tokenizes
+  to ``['▁', '▁positive']`` (the legacy prefix-space behaviour), while ``"Sentiment: positive"`` ends in
+  ``'▁positive'``.
 * :func:`byte_level_bpe_tokenizer`: a GPT-2 style byte-level BPE trained with ``tokenizers`` (offsets include the
   leading space, no BOS).
 
-The training corpus is every built-in text and every built-in demonstration (template filled with its label), so
-that the label words become single tokens as they are for real models.
+The training corpus is every built-in text and every built-in demonstration (template filled with its label word
+and with its symbol), so that those become single tokens as they are for real models.
 """
 
 from __future__ import annotations

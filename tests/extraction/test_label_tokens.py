@@ -35,7 +35,8 @@ def sentencepiece():
     return _ready(sentencepiece_llama_tokenizer())
 
 
-@pytest.fixture(scope="module", params=["sentencepiece", "byte_level", pytest.param("gemma", marks=pytest.mark.real_model)])
+@pytest.fixture(scope="module",
+                params=["sentencepiece", "byte_level", pytest.param("gemma", marks=pytest.mark.real_model)])
 def tokenizer(request):
     if request.param == "gemma":
         return _ready(request.getfixturevalue("real_tokenizer"))
@@ -75,7 +76,8 @@ def test_the_llama_style_tokenizer_gives_a_bare_prefix_space(sentencepiece):
 @pytest.mark.parametrize("name", list_tasks())
 def test_builtin_tasks_get_their_words_tokens(tokenizer, name):
     task = load_task(name)
-    ids = _check(tokenizer, build_prompts(task, shots=4, n=6, sampling="balanced" if task.n_classes <= 4 else "uniform"))
+    sampling = "balanced" if task.n_classes <= 4 else "uniform"
+    ids = _check(tokenizer, build_prompts(task, shots=4, n=6, sampling=sampling))
     assert label_token_ids(tokenizer, build_prompts(task, shots=0, n=2)) == ids  # zero-shot: the same tokens
 
 
@@ -150,8 +152,8 @@ def test_extraction_with_the_llama_style_tokenizer(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     loaded = load_model(str(folder))
-    assert loaded.tokenizer.convert_ids_to_tokens(loaded.tokenizer(" positive", add_special_tokens=False)["input_ids"]) \
-        == ["▁", "▁positive"]
+    lone = loaded.tokenizer(" positive", add_special_tokens=False)["input_ids"]
+    assert loaded.tokenizer.convert_ids_to_tokens(lone) == ["▁", "▁positive"]
     ds = extract(loaded, tmp_path / "s.zarr", task="sentiment", shots=3, n=6, batch_size=4, progress=False)
     assert loaded.tokenizer.convert_ids_to_tokens(ds["label_token"].values.tolist()) == ["▁negative", "▁positive"]
     expected = ds["pred_token"].values == ds["label_token"].values[ds["label"].values]
