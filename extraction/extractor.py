@@ -118,8 +118,7 @@ def extract(
                                  sampling=sampling, label_mode=label_mode, label_words=label_words,
                                  allow_multitoken_labels=allow_multitoken_labels)
     prompts = build_prompts(task_obj, prompt_config)
-    tokens = label_token_ids(loaded.tokenizer, prompts.label_words, space=prompts.label_space,
-                             allow_multitoken=allow_multitoken_labels)
+    tokens = label_token_ids(loaded.tokenizer, prompts)
     setting = setting or default_setting(shots)
     config = {
         **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,

@@ -1,7 +1,9 @@
 """ICL prompts ``x1 y1 x2 y2 ... xk yk x``: seeded demonstration sampling, label-word checks, encoding.
 
 Every prompt records its query, demonstration indices, the labels shown with them and where in the text those
-label words are, so that head scores can find the demonstration label tokens and results stay reproducible.
+label words are, so that head scores can find the demonstration label tokens and results stay reproducible. A label
+word's token is read from the tokenized prompts (by character offsets), never from the word tokenized alone: a
+SentencePiece tokenizer in legacy mode splits a lone " positive" into a bare '▁' and '▁positive'.
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ class PromptConfig:
 
 @dataclass(frozen=True)
 class Prompt:
-    """One ICL prompt and where it came from."""
+    """One ICL prompt and where it came from.
+
+    ``label_spans`` are the characters of each demonstration's label word; ``answer_spans`` add the whitespace the
+    template puts before the word, which the query leaves out: they are what a model writes after a query.
+    """
 
     text: str
     label: int
@@ -58,17 +64,23 @@ class Prompt:
     demo_indices: tuple[int, ...]
     demo_labels: tuple[int, ...]
     label_spans: tuple[tuple[int, int], ...]
+    answer_spans: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The prompts of one setting, the words that stand for each class, and the config that made them."""
+    """The prompts of one setting, the words that stand for each class, and the config that made them.
+
+    ``probes`` hold one one-shot prompt per label word (the first query's text labelled with the word): they give
+    each word's token in context even when no prompt shows the word (zero-shot).
+    """
 
     prompts: list[Prompt]
     label_words: tuple[str, ...]
     template: str
     config: PromptConfig
     task: str
+    probes: tuple[Prompt, ...]
     label_space: str = field(default=" ")
 
     @property
@@ -82,34 +94,81 @@ def label_prefix_space(template: str) -> str:
     return head[len(head.rstrip()):]
 
 
-def label_token_ids(tokenizer, words: tuple[str, ...], *, space: str = " ", allow_multitoken: bool = False) -> list[int]:
-    """First token id of each label word as it appears after the template's leading space.
+def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
+    """The token of each label word as the prompts show it: the first token of its answer, read by offsets.
 
-    Multi-token words are an error unless ``allow_multitoken`` (then the first token stands for the word); words
-    whose first tokens collide are always an error, naming the words.
+    Each word's token comes from its probe (the template filled with the word, in a prompt), so zero-shot and ICL
+    prompts get the same tokens. Refused, naming the words and tokens: a token that also covers text before the
+    answer or after the word, multi-token words unless ``allow_multitoken_labels`` (the first token then stands for
+    the word), words whose tokens collide, and any demonstration whose token at its label is not the word's token.
     """
-    ids, multi = [], []
-    for word in words:
-        tokens = tokenizer(space + word, add_special_tokens=False)["input_ids"]
-        if not tokens:
-            raise LabelWordError(f"label word {word!r} tokenizes to nothing")
-        if len(tokens) > 1:
-            multi.append(f"{word!r} -> {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)}")
-        ids.append(tokens[0])
-    if multi and not allow_multitoken:
+    probes = tokenizer([p.text for p in prompts.probes], return_offsets_mapping=True)
+    answers = [
+        _answer_tokens(tokenizer, word, probe, tokens, offsets)
+        for word, probe, tokens, offsets in zip(prompts.label_words, prompts.probes, probes["input_ids"],
+                                                probes["offset_mapping"])
+    ]
+    multi = [f"{word!r} -> {len(tokens)} tokens {tokenizer.convert_ids_to_tokens(tokens)}"
+             for word, tokens in zip(prompts.label_words, answers) if len(tokens) > 1]
+    if multi and not prompts.config.allow_multitoken_labels:
         raise LabelWordError(
             "label words that are several tokens: " + "; ".join(multi)
             + ". Choose single-token words or allow multi-token labels (their first token is then scored)."
         )
+    ids = [tokens[0] for tokens in answers]
     seen: dict[int, str] = {}
-    for word, token in zip(words, ids):
+    for word, token in zip(prompts.label_words, ids):
         if token in seen:
             raise LabelWordError(
                 f"label words {seen[token]!r} and {word!r} share their first token "
                 f"{tokenizer.convert_ids_to_tokens([token])[0]!r}; choose words that start differently"
             )
         seen[token] = word
+    _check_demonstrations(tokenizer, prompts, ids)
     return ids
+
+
+def _answer_tokens(tokenizer, word: str, probe: Prompt, tokens: list[int], offsets: list[tuple[int, int]]) -> list[int]:
+    """Ids of the tokens that write ``word``'s answer in its probe; its first token must cover nothing else."""
+    start, end = probe.answer_spans[0]
+    hits = _covering(offsets, start, end)
+    if not hits:
+        raise LabelWordError(f"label word {word!r} tokenizes to nothing")
+    (a, b), name = offsets[hits[0]], tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0]
+    if b > end:
+        raise LabelWordError(
+            f"the token {name!r} of label word {word!r} runs into the text after it ({probe.text[end:b]!r}); "
+            "choose another separator or label word"
+        )
+    if a < start:
+        raise LabelWordError(
+            f"the token {name!r} of label word {word!r} runs into the template text before it "
+            f"({probe.text[a:start]!r}); put a space or other fixed text before {{label}} in the template"
+        )
+    return [tokens[i] for i in hits]
+
+
+def _covering(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Indexes of the tokens covering characters ``start..end`` (special and padding tokens cover none)."""
+    return [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
+
+
+def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int]) -> None:
+    """Every demonstration's answer must start with its label's token (context can change a word's tokens)."""
+    batch = tokenizer([p.text for p in prompts.prompts], return_offsets_mapping=True)
+    for row, (prompt, tokens, offsets) in enumerate(zip(prompts.prompts, batch["input_ids"], batch["offset_mapping"])):
+        for number, ((start, end), label) in enumerate(zip(prompt.answer_spans, prompt.demo_labels), 1):
+            hits = _covering(offsets, start, end)
+            if hits and tokens[hits[0]] == ids[label]:
+                continue
+            found = tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0] if hits else None
+            expected = tokenizer.convert_ids_to_tokens([ids[label]])[0]
+            raise LabelWordError(
+                f"label word {prompts.label_words[label]!r} is token {expected!r} but demonstration {number} of "
+                f"prompt {row} (query {prompt.query_index}) has {found!r} there, in "
+                f"{prompt.text[max(0, start - 20):end + 5]!r}; the text around it changes its tokens: put fixed "
+                "template text before {label} and a separator after it"
+            )
 
 
 def _sample_demos(task: Task, rng: np.random.Generator, shots: int, sampling: str) -> np.ndarray:
@@ -153,7 +212,6 @@ def build_prompts(task: Task, config: PromptConfig | None = None, **overrides) -
     if config.n > len(task.test):
         raise PromptError(f"n={config.n} but the query pool of {task.name!r} has only {len(task.test)} examples")
     words = _label_words(task, config)
-    query_template = template[: template.index("{label}")].rstrip()
     rng = np.random.default_rng(config.seed)
     queries = rng.permutation(task.test)[: config.n]
     prompts = []
@@ -162,28 +220,38 @@ def build_prompts(task: Task, config: PromptConfig | None = None, **overrides) -
         shown = task.labels[demos]
         if config.label_mode == "random":
             shown = rng.integers(task.n_classes, size=len(demos))
-        parts, spans, offset = [], [], 0
-        for demo, label in zip(demos, shown):
-            block = template.format(text=task.texts[demo], label=words[label])
-            start = offset + len(block) - len(words[label])
-            spans.append((start, start + len(words[label])))
-            parts.append(block)
-            offset += len(block) + len(config.separator)
-        parts.append(query_template.format(text=task.texts[query]))
-        prompts.append(Prompt(
-            text=config.separator.join(parts),
-            label=int(task.labels[query]),
-            query_index=int(query),
-            demo_indices=tuple(int(d) for d in demos),
-            demo_labels=tuple(int(s) for s in shown),
-            label_spans=tuple(spans),
-        ))
-    return PromptSet(prompts, words, template, config, task.name, label_prefix_space(template))
+        prompts.append(_assemble(template, config.separator, task, int(query), demos, shown, words))
+    probes = tuple(_assemble(template, config.separator, task, int(queries[0]), queries[:1], [label], words)
+                   for label in range(len(words)))
+    return PromptSet(prompts, words, template, config, task.name, probes, label_prefix_space(template))
+
+
+def _assemble(template: str, separator: str, task: Task, query: int, demos, shown, words: tuple[str, ...]) -> Prompt:
+    """The prompt ``demo_1 sep ... demo_k sep query`` (the query's template stops before its label's whitespace)."""
+    head = template[: template.index("{label}")]
+    space = len(label_prefix_space(template))
+    parts, spans, answers, offset = [], [], [], 0
+    for demo, label in zip(demos, shown):
+        start = offset + len(head.format(text=task.texts[demo]))
+        spans.append((start, start + len(words[label])))
+        answers.append((start - space, start + len(words[label])))
+        parts.append(template.format(text=task.texts[demo], label=words[label]))
+        offset += len(parts[-1]) + len(separator)
+    parts.append(head.rstrip().format(text=task.texts[query]))
+    return Prompt(
+        text=separator.join(parts),
+        label=int(task.labels[query]),
+        query_index=query,
+        demo_indices=tuple(int(d) for d in demos),
+        demo_labels=tuple(int(s) for s in shown),
+        label_spans=tuple(spans),
+        answer_spans=tuple(answers),
+    )
 
 
 @dataclass
 class Encoded:
-    """Left-padded token ids of a batch of prompts, and where each demonstration label starts in each row."""
+    """Left-padded token ids of a batch of prompts, and the position of each demonstration's label token per row."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -206,10 +274,9 @@ def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> E
     positions = []
     for row, prompt in enumerate(prompts):
         offsets = batch["offset_mapping"][row].tolist()
-        real = mask[row].bool().tolist()
         found = []
-        for start, end in prompt.label_spans:
-            hits = [i for i, (a, b) in enumerate(offsets) if real[i] and b > start and a < end]
+        for start, end in prompt.answer_spans:
+            hits = _covering(offsets, start, end)
             if not hits:
                 raise PromptError(f"cannot locate a demonstration label at characters {start}..{end} in the tokens")
             found.append(hits[0])

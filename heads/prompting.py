@@ -57,8 +57,7 @@ def prompt_batches(
         raise HeadsError(f"batch_size must be >= 1, not {batch_size}")
     task_obj = task if isinstance(task, Task) else load_task(task, template=options.get("template"))
     prompts = build_prompts(task_obj, PromptConfig(shots=shots, n=n, seed=seed, **options))
-    tokens = label_token_ids(loaded.tokenizer, prompts.label_words, space=prompts.label_space,
-                             allow_multitoken=prompts.config.allow_multitoken_labels)
+    tokens = label_token_ids(loaded.tokenizer, prompts)
     batches = [
         (index, encode(loaded.tokenizer, [prompts.prompts[i] for i in index], max_length=loaded.arch.max_context))
         for index in batches_by_length(loaded, prompts, np.arange(n), batch_size)

@@ -22,7 +22,7 @@ def test_builtin_tasks_are_large_balanced_and_split(name):
 def test_builtin_label_words_are_single_distinct_tokens_for_the_default_model(real_tokenizer):
     for name in list_tasks():
         task = load_task(name)
-        ids = label_token_ids(real_tokenizer, task.label_words)
+        ids = label_token_ids(real_tokenizer, build_prompts(task, shots=4, n=4))
         assert len(set(ids)) == task.n_classes
 
 
@@ -110,14 +110,17 @@ def test_n_larger_than_the_query_pool():
 
 def test_colliding_label_words_are_named(tiny_gemma):
     # Both words are out of the tiny vocabulary, so both start with the <unk> token.
+    prompts = build_prompts(load_task("sentiment"), shots=2, n=2, label_words=("zzfoo", "zzbar"))
     with pytest.raises(LabelWordError, match="'zzfoo' and 'zzbar' share their first token"):
-        label_token_ids(tiny_gemma.tokenizer, ("zzfoo", "zzbar"))
+        label_token_ids(tiny_gemma.tokenizer, prompts)
 
 
 def test_multitoken_label_words_are_reported_unless_allowed(tiny_gemma):
+    task = load_task("sentiment")
     with pytest.raises(LabelWordError, match="several tokens.*'very good'"):
-        label_token_ids(tiny_gemma.tokenizer, ("very good", "bad"))
-    ids = label_token_ids(tiny_gemma.tokenizer, ("very good", "bad"), allow_multitoken=True)
+        label_token_ids(tiny_gemma.tokenizer, build_prompts(task, shots=2, n=2, label_words=("very good", "bad")))
+    allowed = build_prompts(task, shots=2, n=2, label_words=("very good", "bad"), allow_multitoken_labels=True)
+    ids = label_token_ids(tiny_gemma.tokenizer, allowed)
     assert ids[0] == tiny_gemma.tokenizer(" very", add_special_tokens=False)["input_ids"][0]
 
 
