@@ -27,6 +27,8 @@ BUILTIN = {
     "profession": (("actor", "singer", "scientist", "athlete", "politician", "writer"), "{text} is a: {label}"),
 }
 DEFAULT_TEMPLATE = "{text} Answer: {label}"
+#: Share of each class that goes to the demonstration pool when a user file has no ``split`` column. The built-in
+#: files carry their own split, half of each class per pool (at least 500 queries; see extraction/data/README.md).
 FILE_SPLIT_FRACTION = 0.6
 
 
