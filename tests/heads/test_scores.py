@@ -120,6 +120,14 @@ def test_scores_equal_the_materialised_computation(tiny, monkeypatch):
         np.testing.assert_array_equal(reduced[name].values, reference[name].values)
 
 
+def test_attention_patterns_are_every_blocks_weights(tiny):
+    ids = torch.tensor([[0, 1, 5, 6, 7], [1, 8, 9, 10, 11]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    patterns = scores_module.attention_patterns(tiny, ids, mask)
+    assert patterns.shape == (2, tiny.arch.n_layers, tiny.arch.n_heads, 5, 5)
+    assert torch.equal(patterns, materialised(tiny, ids, mask, lambda w: w))
+
+
 def test_only_one_blocks_weights_exist_at_a_time(tiny_gemma):
     import weakref
 
