@@ -18,10 +18,22 @@ which computes the whole vocabulary's logits at every position.
 
 Wall times on a shared CPU are noisy: the naive subset is timed before and after the fast sweep and the two are
 averaged, CPU times of this process (``process_time``) are reported beside wall times, and so is the load average.
+
+``memory`` (tiny random Llama models, 8 heads, built in a temporary folder): the peak memory of ``heads.score`` on
+one batch of 8 prompts, at 1x, 2x and 4x the prompt length (8, 16 and 32 shots, detector repeat 25, 50 and 100) on a
+4-block model, and at 1x on an 8-block model, for the per-block reduction (``new``) and for the path that holds
+every block's weights (``old``: all blocks' (batch, head, T, T) stacked, then reduced, as ``heads.score`` did before).
+Each run is a child process that loads the model, warms up, resets its peak resident set (``/proc/self/clear_refs``)
+and reports the peak growth during the call (MiB); glibc's mmap threshold is fixed at 128 KiB there, so every freed
+tensor goes back to the system at once and the resident peak follows the live tensors (with the default, adaptive
+threshold the same run varied by 60%). tracemalloc cannot measure this: torch allocates CPU tensors outside Python's
+allocator, so tracemalloc sees none of them.
+
 The last line printed is one JSON object.
 
     python benchmarks/heads.py              # ~15 min on a 2-core CPU
     python benchmarks/heads.py --quick      # n=16 and no common-loop timing
+    python benchmarks/heads.py --memory-only    # only the tiny-model memory runs (~3 min, 8 child processes)
 """
 
 from __future__ import annotations
@@ -33,11 +45,15 @@ import sys
 import time
 from pathlib import Path
 
-# This script's folder would shadow the ``heads`` package when run as ``python benchmarks/heads.py``.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+# This script's folder would shadow the ``heads`` package when run as ``python benchmarks/heads.py``; the checkout
+# it belongs to is measured (and holds the tiny models' tokenizer builder, tests/conftest.py).
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from heads import scores  # noqa: E402
 
 from extraction.capture import position_ids  # noqa: E402
 from extraction.models import load_model  # noqa: E402
@@ -62,7 +78,7 @@ def default_subset(n_layers: int, n_heads: int) -> list[tuple[int, int]]:
 
 def on_heads(result, name: str, heads: list[tuple[int, int]]) -> np.ndarray:
     """A sweep variable's values at the given heads, stacked."""
-    return np.stack([result[name].sel(layer=layer, head=head).values for layer, head in heads])
+    return np.stack([result[name].sel(block=block, head=head).values for block, head in heads])
 
 
 @torch.no_grad()
@@ -78,6 +94,86 @@ def common_loop_seconds(loaded, args: argparse.Namespace, head: tuple[int, int])
     return time.perf_counter() - start
 
 
+MEMORY_BATCH = 8
+MEMORY_RUNS = [(4, 1), (4, 2), (4, 4), (8, 1)]  # (blocks, prompt-length factor)
+
+
+def build_tiny_model(folder: Path, blocks: int) -> Path:
+    """A tiny random Llama (hidden 64, 8 heads) with the tests' word-level tokenizer, saved in ``folder``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.conftest import build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=blocks,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def _resident_mib(field: str) -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(field + ":")) / 1024
+
+
+def materialised(original):
+    """``reduce_attention`` as before per-block reduction: every block's weights kept, stacked, then reduced."""
+    def reduce_after_all(loaded, input_ids, attention_mask, reduce):
+        weights = original(loaded, input_ids, attention_mask, lambda w: {"weights": w.float()})["weights"]
+        return {name: value.cpu() for name, value in reduce(weights).items()}
+    return reduce_after_all
+
+
+def child_score_memory(folder: str, path: str, factor: int) -> None:
+    """Print the peak resident growth (MiB) of one ``heads.score`` call, and the prompt length in tokens."""
+    import gc
+
+    from heads.prompting import prompt_batches
+
+    loaded = load_model(folder)
+    if path == "old":
+        scores.reduce_attention = materialised(scores.reduce_attention)
+    shots, repeat = 8 * factor, 25 * factor
+    settings = dict(n=MEMORY_BATCH, n_random=MEMORY_BATCH, batch_size=MEMORY_BATCH, progress=False)
+    scores.score(loaded, shots=1, repeat=3, **{**settings, "n": 2, "n_random": 2})  # warm-up
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak resident set restarts from here
+    before = _resident_mib("VmRSS")
+    scores.score(loaded, shots=shots, repeat=repeat, **settings)
+    peak = _resident_mib("VmHWM") - before
+    tokens = max(encoded.input_ids.shape[1] for _, encoded in
+                 prompt_batches(loaded, shots=shots, n=MEMORY_BATCH, batch_size=MEMORY_BATCH).batches)
+    print(json.dumps({"peak_mib": peak, "tokens": tokens}))
+
+
+def score_memory() -> dict:
+    """Peak memory of ``heads.score`` on tiny models: per-block reduction vs all blocks' weights, see the docstring."""
+    import subprocess
+    import tempfile
+
+    runs, env = [], {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    with tempfile.TemporaryDirectory() as root:
+        folders = {blocks: build_tiny_model(Path(root) / f"blocks{blocks}", blocks)
+                   for blocks in sorted({b for b, _ in MEMORY_RUNS})}
+        for blocks, factor in MEMORY_RUNS:
+            for path in ("new", "old"):
+                command = [sys.executable, __file__, "--child-score-memory", str(folders[blocks]), path, str(factor)]
+                output = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
+                runs.append({"path": path, "blocks": blocks, "length": factor, "heads": 8, "batch": MEMORY_BATCH,
+                             **json.loads(output.strip().splitlines()[-1])})
+    peak = {(r["path"], r["blocks"], r["length"]): r["peak_mib"] for r in runs}
+    tokens = {r["length"]: r["tokens"] for r in runs}
+    return {
+        "runs": runs,
+        "attention_mib_per_block": {f"{f}x": MEMORY_BATCH * 8 * tokens[f] ** 2 * 4 / 2 ** 20 for f in tokens},
+        **{f"{path}_{f}x_over_1x": peak[(path, 4, f)] / peak[(path, 4, 1)] for path in ("new", "old") for f in (2, 4)},
+        **{f"{path}_8_blocks_over_4": peak[(path, 8, 1)] / peak[(path, 4, 1)] for path in ("new", "old")},
+        "old_over_new_4x": peak[("old", 4, 4)] / peak[("new", 4, 4)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=64, help="prompts (default 64)")
@@ -87,7 +183,16 @@ def main() -> None:
     parser.add_argument("--naive-heads", default=None,
                         help="heads of the naive loop as L.H,L.H or 'all' (default: one per quarter of the depth)")
     parser.add_argument("--quick", action="store_true", help="n=16 and no common-loop timing")
+    parser.add_argument("--memory-only", action="store_true", help="only the tiny-model memory runs of heads.score")
+    parser.add_argument("--child-score-memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_score_memory:
+        folder, path, factor = args.child_score_memory
+        child_score_memory(folder, path, int(factor))
+        return
+    if args.memory_only:
+        print(json.dumps({"memory": score_memory()}))
+        return
     if args.quick:
         args.n = 16
     loaded = load_model(dtype=args.dtype)
@@ -124,12 +229,13 @@ def main() -> None:
         "load_average": [load_before, os.getloadavg()[0]],
         "clean_accuracy": fast.attrs["clean_accuracy"],
         "most_harmful_heads": fast["logit_diff"].to_dataframe().nsmallest(5, "logit_diff").reset_index()[
-            ["layer", "head", "logit_diff"]].to_dict(orient="records"),
+            ["block", "head", "logit_diff"]].to_dict(orient="records"),
     }
     if not args.quick:
         per_head = common_loop_seconds(loaded, args, subset[0])
         result.update(common_loop_s_per_head=per_head,
                       speedup_vs_common_loop=per_head * (len(all_heads) + 1) / fast_wall)
+    result["memory"] = score_memory()
     result["targets"] = {"sweep_speedup": ">= 4", "max_abs_diff": "<= 1e-4"}
     print(json.dumps(result))
 

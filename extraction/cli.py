@@ -21,7 +21,7 @@ examples:
   icl-geometry extract --model ./my-llama --dtype bfloat16 --task topic --out store.zarr
 
 Each run writes one group (--setting, default 'icl' or 'zero_shot') holding per example the query state at every
-layer (layer 0 = embedding output, layer l = output of block l, all before the final norm), the gold label, the
+layer (layer 0 = embedding output, layer l = output of block l-1, all before the final norm), the gold label, the
 model's prediction, label-word logits and the logit lens. Open it with xarray.open_zarr(STORE, group=SETTING).
 An interrupted run resumes when re-run with the same arguments.
 """

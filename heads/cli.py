@@ -18,14 +18,16 @@ EXAMPLES = {
   # PTH and IH scores of the default model (Gemma 3 270M) on 50 sentiment prompts, saved in the store
   icl-geometry heads score results/store.zarr --task sentiment --shots 8 --n 50
 
-Scores (layer x head): pth = attention k -> k-1 on zero-shot prompts; ih = attention from the final ':' to the
-demonstration labels on k-shot prompts; previous_token / induction / duplicate_token = classic detectors on repeated
-random tokens. Saved as group 'head_scores' and re-used by later commands with the same settings.
+Scores (block x head; block b = decoder block b, 0-based): pth = attention k -> k-1 on zero-shot prompts from the
+second token on (--no-pth-first-pair: from the third, leaving out the attention to <bos>); ih = attention from the
+final ':' to the demonstration labels on k-shot prompts; previous_token / induction / duplicate_token = classic
+detectors on repeated random tokens. Prints the top heads of each score as [block, head, score]. Saved as group
+'head_scores' and re-used by later commands with the same settings.
 """,
     "ablate": """examples:
   # 8-shot states with the top-10% IH heads zeroed (scores computed first if the store has none)
   icl-geometry heads ablate results/store.zarr --set ih
-  # your own heads, mean-ablated, into a group of your choice
+  # your own heads (BLOCK.HEAD), mean-ablated, into a group of your choice
   icl-geometry heads ablate results/store.zarr --set 5.1,9.3 --mode mean --setting ablate_mine
 
 Writes one group (default ablate_<set>) like `icl-geometry extract` does, with the intervention in its attrs.
@@ -46,7 +48,7 @@ prompts. State l is the store's layer l (0 = embedding output, l = output of blo
   # the same with one full forward pass per head (slower; same numbers)
   icl-geometry heads sweep --n 16 --method naive
 
-Columns: layer, head, logit_diff (change in mean gold-minus-best-other label logit), accuracy and
+Columns: block, head, logit_diff (change in mean gold-minus-best-other label logit), accuracy and
 accuracy_change (label-restricted).
 """,
     "study": """examples:
@@ -55,9 +57,9 @@ accuracy_change (label-restricted).
   # quicker: no geometry measures
   icl-geometry heads study results/store.zarr --n 32 --no-measures
 
-Prints a JSON summary (sets, layer placement, accuracy table); with --figures writes the heat maps, the accuracy
-chart, the measure-change curves and accuracy.csv / measure_changes.csv into that folder. Re-running re-uses every
-finished group.
+Prints a JSON summary (sets as [block, head], their placement in depth, accuracy table); with --figures writes
+the heat maps, the accuracy chart, the measure-change curves and accuracy.csv / measure_changes.csv into that
+folder. Re-running re-uses every finished group.
 """,
 }
 
@@ -81,8 +83,8 @@ def _scores(args: argparse.Namespace, loaded, n: int):
     from heads.scores import score
 
     return score(loaded, task=args.data or args.task, shots=args.shots, n=n, seed=args.seed, store=args.store,
-                 batch_size=args.batch_size, overwrite=getattr(args, "overwrite_scores", False),
-                 **_prompt_options(args))
+                 pth_first_pair=args.pth_first_pair, batch_size=args.batch_size,
+                 overwrite=getattr(args, "overwrite_scores", False), **_prompt_options(args))
 
 
 def _named_set(args: argparse.Namespace, loaded, name: str) -> list:
@@ -168,7 +170,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     worst = table.nsmallest(5, "logit_diff")
     _print({"out": args.out, "method": args.method, "seconds": round(time.perf_counter() - started, 1),
             "clean_accuracy": result.attrs["clean_accuracy"], "clean_logit_diff": result.attrs["clean_logit_diff"],
-            "most_harmful": worst[["layer", "head", "logit_diff", "accuracy"]].to_dict(orient="records")})
+            "most_harmful": worst[["block", "head", "logit_diff", "accuracy"]].to_dict(orient="records")})
     return 0
 
 
@@ -178,7 +180,8 @@ def run_study(args: argparse.Namespace) -> int:
 
     kwargs = prompt_kwargs(args)
     result = study(_load(args), args.store, fraction=args.fraction, k=args.k, overlap=args.overlap,
-                   n_score=args.n_score, mode=args.mode, measures=not args.no_measures, n_boot=args.n_boot,
+                   n_score=args.n_score, pth_first_pair=args.pth_first_pair, mode=args.mode,
+                   measures=not args.no_measures, n_boot=args.n_boot,
                    batch_size=args.batch_size, progress=not args.quiet, **kwargs)
     summary = result.summary()
     if args.figures:
@@ -191,7 +194,14 @@ def run_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pth-first-pair", action=argparse.BooleanOptionalAction, default=True,
+                        help="count the second token's attention to the first in the PTH score, as [Y] does "
+                             "(default); --no-pth-first-pair leaves it out, like the classic detector")
+
+
 def _selection_arguments(parser: argparse.ArgumentParser) -> None:
+    _score_arguments(parser)
     group = parser.add_argument_group("head selection (named sets)")
     group.add_argument("--fraction", type=float, default=0.1, help="top fraction of all heads per score (default 0.1)")
     group.add_argument("--k", type=int, default=None, help="top k heads per score instead of a fraction")
@@ -222,11 +232,12 @@ def register(subparsers) -> None:
     score_parser = _add(commands, "score", "score every head (PTH, IH and classic detectors) into the store", run_score)
     score_parser.set_defaults(n=50)
     score_parser.add_argument("--top", type=int, default=5, help="heads listed per score in the output (default 5)")
+    _score_arguments(score_parser)
     score_parser.add_argument("--overwrite-scores", action="store_true",
                               help="replace head scores saved with other settings")
 
     ablate_parser = _add(commands, "ablate", "extract states with a head set ablated", run_ablate)
-    ablate_parser.add_argument("--set", required=True, help="ih, pth, random, or heads as LAYER.HEAD,LAYER.HEAD")
+    ablate_parser.add_argument("--set", required=True, help="ih, pth, random, or heads as BLOCK.HEAD,BLOCK.HEAD")
     ablate_parser.add_argument("--mode", default="zero", choices=["zero", "mean"], help="zero or mean ablation")
     ablate_parser.add_argument("--setting", default=None, help="group name (default ablate_<set>)")
     ablate_parser.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
@@ -234,7 +245,7 @@ def register(subparsers) -> None:
 
     inject_parser = _add(commands, "inject", "extract zero-shot states with a task vector injected", run_inject)
     inject_parser.add_argument("--vector", required=True,
-                               help="ih, pth, or heads as LAYER.HEAD,... whose outputs make the vector")
+                               help="ih, pth, or heads as BLOCK.HEAD,... whose outputs make the vector")
     inject_parser.add_argument("--layer", type=int, default=None,
                                help="residual state index 0..L (default round(3L/8) for ih, 2 otherwise)")
     inject_parser.add_argument("--setting", default=None, help="group name (default inject_<vector>)")

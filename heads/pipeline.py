@@ -152,6 +152,7 @@ def study(
     k: int | None = None,
     overlap: str = "keep",
     n_score: int = 50,
+    pth_first_pair: bool = True,
     mode: str = "zero",
     ih_layer: int | None = None,
     pth_layer: int = 2,
@@ -168,7 +169,8 @@ def study(
     and IH sets (``overlap``: see :func:`heads.select_sets`), and the random control has the IH set's size. Task
     vectors come from the same ``n_score`` ``shots``-shot prompts. With ``measures`` every group is measured with
     ``geometry.measure`` (``n_boot`` resamples) and the changes against each baseline are tabulated.
-    ``prompt_options`` are ``extraction.extract``'s prompt settings (template, separator, ...).
+    ``prompt_options`` are ``extraction.extract``'s prompt settings (template, separator, ...); ``pth_first_pair``
+    is :func:`heads.score`'s.
     """
     store = Path(store)
     names = _group_names(groups)
@@ -184,7 +186,7 @@ def study(
     extract(loaded, store, shots=shots, setting=names["icl"], **common)
     extract(loaded, store, shots=0, setting=names["zero_shot"], **common)
 
-    scores = score(loaded, store=store, **reference)
+    scores = score(loaded, store=store, pth_first_pair=pth_first_pair, **reference)
     sets = select_sets(scores, fraction=fraction, k=k, overlap=overlap)
     sets["random"] = random_heads(arch.n_layers, arch.n_heads, len(sets["ih"]), exclude=sets["pth"] + sets["ih"],
                                   seed=seed)

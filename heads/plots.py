@@ -1,4 +1,4 @@
-"""Figures of the heads study: score heat maps (layer x head) with the chosen sets marked, the accuracy bar chart
+"""Figures of the heads study: score heat maps (block x head) with the chosen sets marked, the accuracy bar chart
 and the layer-wise measure changes. Figures are built without pyplot (no global state, no display needed) and
 saved as PNG and/or SVG.
 """
@@ -24,21 +24,21 @@ SET_MARKERS = {"pth": ("s", "tab:blue"), "ih": ("o", "tab:red"), "random": ("x",
 
 def plot_scores(scores: xr.Dataset, *, variables: Sequence[str] | None = None,
                 sets: dict[str, Sequence[Head]] | None = None) -> Figure:
-    """One heat map per (layer, head) variable (default: all of them), with the heads of ``sets`` marked."""
-    names = list(variables or [v for v in scores.data_vars if scores[v].dims == ("layer", "head")])
-    figure = Figure(figsize=(2.2 + 2.0 * len(names), 0.9 + 0.22 * scores.sizes["layer"]), layout="constrained")
+    """One heat map per (block, head) variable (default: all of them), with the heads of ``sets`` marked."""
+    names = list(variables or [v for v in scores.data_vars if scores[v].dims == ("block", "head")])
+    figure = Figure(figsize=(2.2 + 2.0 * len(names), 0.9 + 0.22 * scores.sizes["block"]), layout="constrained")
     axes = figure.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
-        image = ax.imshow(scores[name].transpose("layer", "head").values, aspect="auto", cmap="viridis",
+        image = ax.imshow(scores[name].transpose("block", "head").values, aspect="auto", cmap="viridis",
                           origin="lower")
         figure.colorbar(image, ax=ax, shrink=0.8)
-        ax.set(title=name, xlabel="head", ylabel="layer", xticks=scores["head"].values)
+        ax.set(title=name, xlabel="head", ylabel="block", xticks=scores["head"].values)
         for set_name, heads in (sets or {}).items():
             marker, color = SET_MARKERS.get(set_name, ("^", "white"))
             if heads:
-                layers, cols = zip(*heads)
+                blocks, cols = zip(*heads)
                 style = {"c": color} if marker == "x" else {"facecolors": "none", "edgecolors": color}
-                ax.scatter(cols, layers, marker=marker, label=set_name, s=40, **style)
+                ax.scatter(cols, blocks, marker=marker, label=set_name, s=40, **style)
     if sets:
         axes[0].legend(loc="upper left", fontsize="small", framealpha=0.8)
     return figure

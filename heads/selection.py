@@ -1,6 +1,7 @@
-"""Head sets: the top heads by a score, exclusion of shared heads, random controls and layer placement.
+"""Head sets: the top heads by a score, exclusion of shared heads, random controls and their placement in depth.
 
-A head is a ``(layer, head)`` tuple of 0-based indices; a head set is a list of them. Selection follows [Y]: the top
+A head is a ``(block, head)`` tuple of 0-based indices (decoder block b = 0..L-1, query head h; see
+:mod:`heads.scores` for the index convention); a head set is a list of them. Selection follows [Y]: the top
 10% of all L x H heads by each score, and a control of the same size drawn at random from outside the top sets.
 """
 
@@ -35,15 +36,18 @@ def top_heads(scores: xr.Dataset, score: str, *, fraction: float | None = 0.1, k
               exclude: Iterable[Head] = ()) -> list[Head]:
     """The best heads by ``scores[score]``, highest first, skipping ``exclude`` (the next best fill their places).
 
-    Ties are broken by (layer, head) so the result is deterministic.
+    Ties are broken by (block, head) so the result is deterministic.
     """
     if score not in scores:
         raise HeadsError(f"no score {score!r}; the scores hold {', '.join(scores.data_vars)}")
-    values = scores[score].transpose("layer", "head").values
+    if set(scores[score].dims) != {"block", "head"}:
+        raise HeadsError(f"score {score!r} is over {scores[score].dims}, not (block, head); read stored scores with "
+                         "heads.load_scores, which renames an older store's 'layer' to 'block'")
+    values = scores[score].transpose("block", "head").values
     size = set_size(*values.shape, fraction=fraction, k=k)
     excluded = {tuple(map(int, h)) for h in exclude}
-    order = sorted(np.ndindex(values.shape), key=lambda lh: (-values[lh], lh))
-    chosen = [(int(l), int(h)) for l, h in order if (l, h) not in excluded][:size]
+    order = sorted(np.ndindex(values.shape), key=lambda bh: (-values[bh], bh))
+    chosen = [(int(b), int(h)) for b, h in order if (b, h) not in excluded][:size]
     if len(chosen) < size:
         raise HeadsError(f"only {len(chosen)} heads are left after excluding {len(excluded)}; ask for fewer")
     return chosen
@@ -66,9 +70,10 @@ def select_sets(scores: xr.Dataset, *, fraction: float | None = 0.1, k: int | No
 
 
 def random_heads(n_layers: int, n_heads: int, size: int, *, exclude: Iterable[Head] = (), seed: int = 0) -> list[Head]:
-    """``size`` heads drawn without replacement from those not in ``exclude``, seeded, sorted by (layer, head)."""
+    """``size`` heads of ``n_layers`` blocks drawn without replacement from those not in ``exclude``, seeded, sorted
+    by (block, head)."""
     excluded = {tuple(map(int, h)) for h in exclude}
-    pool = [(l, h) for l in range(n_layers) for h in range(n_heads) if (l, h) not in excluded]
+    pool = [(b, h) for b in range(n_layers) for h in range(n_heads) if (b, h) not in excluded]
     if not 1 <= size <= len(pool):
         raise HeadsError(f"cannot draw {size} random heads: {len(pool)} heads are outside the excluded sets")
     picked = np.random.default_rng(seed).choice(len(pool), size=size, replace=False)
@@ -77,7 +82,7 @@ def random_heads(n_layers: int, n_heads: int, size: int, *, exclude: Iterable[He
 
 @dataclass(frozen=True)
 class Placement:
-    """Where two head sets sit in depth: mean layer of each and a two-sided Mann-Whitney U test on their layers."""
+    """Where two head sets sit in depth: mean block index of each and a two-sided Mann-Whitney U test on them."""
 
     name_a: str
     name_b: str
@@ -91,23 +96,23 @@ class Placement:
 
 
 def layer_placement(set_a: Sequence[Head], set_b: Sequence[Head], *, names: tuple[str, str] = ("a", "b")) -> Placement:
-    """Compare the layer indices of two head sets (e.g. IH vs PTH: do induction heads sit deeper?)."""
+    """Compare the block indices of two head sets (e.g. IH vs PTH: do induction heads sit deeper?)."""
     if not set_a or not set_b:
         raise HeadsError("layer placement needs two non-empty head sets")
-    layers_a, layers_b = [l for l, _ in set_a], [l for l, _ in set_b]
-    test = mannwhitneyu(layers_a, layers_b, alternative="two-sided")
-    return Placement(names[0], names[1], float(np.mean(layers_a)), float(np.mean(layers_b)),
+    blocks_a, blocks_b = [b for b, _ in set_a], [b for b, _ in set_b]
+    test = mannwhitneyu(blocks_a, blocks_b, alternative="two-sided")
+    return Placement(names[0], names[1], float(np.mean(blocks_a)), float(np.mean(blocks_b)),
                      float(test.statistic), float(test.pvalue))
 
 
 def parse_heads(text: str) -> list[Head]:
-    """Parse ``"L.H,L.H"`` (e.g. ``"3.1,10.0"``) into a head set."""
+    """Parse ``"B.H,B.H"`` (block.head, e.g. ``"3.1,10.0"``) into a head set."""
     heads = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        layer, dot, head = item.partition(".")
-        if not dot or not layer.isdigit() or not head.isdigit():
-            raise HeadsError(f"cannot read head {item!r}: write heads as LAYER.HEAD, e.g. 3.1,10.0")
-        heads.append((int(layer), int(head)))
+        block, dot, head = item.partition(".")
+        if not dot or not block.isdigit() or not head.isdigit():
+            raise HeadsError(f"cannot read head {item!r}: write heads as BLOCK.HEAD, e.g. 3.1,10.0")
+        heads.append((int(block), int(head)))
     if not heads:
-        raise HeadsError(f"no heads in {text!r}: write heads as LAYER.HEAD, e.g. 3.1,10.0")
+        raise HeadsError(f"no heads in {text!r}: write heads as BLOCK.HEAD, e.g. 3.1,10.0")
     return heads

@@ -221,8 +221,8 @@ def sweep(
 ) -> xr.Dataset:
     """Zero-ablate each head alone (all heads, or ``heads``) on ``n`` ``shots``-shot prompts; see module docstring.
 
-    Returns a Dataset over (layer, head) with ``logit_diff``, ``accuracy`` and ``accuracy_change`` (NaN for heads
-    not swept), plus ``label_logits`` (layer, head, example, class) and ``clean_label_logits`` (example, class).
+    Returns a Dataset over (block, head) with ``logit_diff``, ``accuracy`` and ``accuracy_change`` (NaN for heads
+    not swept), plus ``label_logits`` (block, head, example, class) and ``clean_label_logits`` (example, class).
     ``batch_size`` is the rows of one forward pass: prompts for the naive method and for the fast method's clean
     pass; the fast method's re-runs stack one copy per head of a layer, ``batch_size // heads`` prompts at a time.
     """
@@ -247,14 +247,14 @@ def sweep(
         accuracy[layer, head] = (values.argmax(-1) == labels).mean()
     return xr.Dataset(
         {
-            "logit_diff": (("layer", "head"), diff),
-            "accuracy": (("layer", "head"), accuracy),
-            "accuracy_change": (("layer", "head"), accuracy - np.float32(clean_accuracy)),
-            "label_logits": (("layer", "head", "example", "class"), logits),
+            "logit_diff": (("block", "head"), diff),
+            "accuracy": (("block", "head"), accuracy),
+            "accuracy_change": (("block", "head"), accuracy - np.float32(clean_accuracy)),
+            "label_logits": (("block", "head", "example", "class"), logits),
             "clean_label_logits": (("example", "class"), clean),
             "label": (("example",), labels),
         },
-        coords={"layer": np.arange(arch.n_layers), "head": np.arange(arch.n_heads), "class": classes},
+        coords={"block": np.arange(arch.n_layers), "head": np.arange(arch.n_heads), "class": classes},
         attrs={"method": method, "clean_logit_diff": clean_diff, "clean_accuracy": clean_accuracy,
                "prompts": reference.config(), "ablation": "zero, one head at a time, every position",
                "logit_diff": "mean over prompts of gold label logit - max other label logit, ablated minus clean",

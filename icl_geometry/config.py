@@ -79,6 +79,7 @@ class HeadsSection:
     shots: int = 8  #: k of the prompts that are scored, ablated and used for task vectors
     n_score: int = 50  #: prompts used for the PTH / IH scores and task vectors (the paper's 50)
     fraction: float = 0.1  #: top fraction of all heads taken as PTH / IH sets (the paper's 10%)
+    pth_first_pair: bool = True  #: PTH score counts the 2nd token's attention to the 1st ([Y]); false: leaves it out
     mode: str = "zero"  #: ablation mode, zero or mean (the random control set is drawn with data.seed)
 
 

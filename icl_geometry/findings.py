@@ -122,8 +122,8 @@ def task_findings(accuracy: pd.DataFrame, measures: pd.DataFrame, transitions: p
     sentences += _intervention_sentences(accuracy, measures, threshold)
     if placement is not None and not placement.empty:
         row = placement.iloc[0]
-        order = "later" if row.mean_layer_ih > row.mean_layer_pth else "earlier"
-        sentences.append(f"The top induction heads sit {order} than the top previous-token heads (mean layer "
-                         f"{row.mean_layer_ih:.1f} vs {row.mean_layer_pth:.1f}; Mann-Whitney U p = {row.p_value:.3g}; "
+        order = "later" if row.mean_block_ih > row.mean_block_pth else "earlier"
+        sentences.append(f"The top induction heads sit {order} than the top previous-token heads (mean block "
+                         f"{row.mean_block_ih:.1f} vs {row.mean_block_pth:.1f}; Mann-Whitney U p = {row.p_value:.3g}; "
                          "Gemma-2B in the paper: 12.2 vs 6.2).")
     return sentences

@@ -96,17 +96,18 @@ class Study:
         settings = self.config.heads
         result = heads.study(
             self.loaded, self.store(task), task=task, shots=settings.shots, n=self.config.data.n,
-            seed=self.config.data.seed, fraction=settings.fraction, n_score=settings.n_score, mode=settings.mode,
+            seed=self.config.data.seed, fraction=settings.fraction, n_score=settings.n_score,
+            pth_first_pair=settings.pth_first_pair, mode=settings.mode,
             batch_size=self.config.model.batch_size, measures=False, progress=self.progress, **self.prompt_options(),
         )
         self._write_part("head_scores", task, result.scores.to_dataframe().reset_index())
         self._write_part("head_sets", task, pd.DataFrame([
-            {"set": name, "layer": layer, "head": head} for name, members in result.sets.items()
-            for layer, head in members
+            {"set": name, "block": block, "head": head} for name, members in result.sets.items()
+            for block, head in members
         ]))
         placement = result.placement
         self._write_part("placement", task, pd.DataFrame([{
-            "mean_layer_ih": placement.mean_a, "mean_layer_pth": placement.mean_b,
+            "mean_block_ih": placement.mean_a, "mean_block_pth": placement.mean_b,
             "u_statistic": placement.u_statistic, "p_value": placement.p_value,
             "ih_heads": len(result.sets["ih"]), "pth_heads": len(result.sets["pth"]),
         }]))

@@ -62,8 +62,22 @@ def test_sweep_writes_a_csv(tiny_gemma_dir, tmp_path, capsys):
     assert main(["heads", "sweep", "--model", str(tiny_gemma_dir), "--shots", "2", "--n", "4", "--out", str(out)]) == 0
     printed = last_json(capsys)
     table = pd.read_csv(out)
-    assert len(table) == 16 and {"layer", "head", "logit_diff", "accuracy"} <= set(table.columns)
-    assert len(printed["most_harmful"]) == 5
+    assert len(table) == 16 and {"block", "head", "logit_diff", "accuracy"} <= set(table.columns)
+    assert "layer" not in table.columns  # head data are indexed by block; layer means a stored state
+    assert len(printed["most_harmful"]) == 5 and "block" in printed["most_harmful"][0]
+
+
+def test_score_without_the_first_pth_pair(tiny_gemma_dir, tmp_path, capsys):
+    from heads.scores import load_scores
+
+    store = str(tmp_path / "s.zarr")
+    assert main(["heads", "score", store, "--model", str(tiny_gemma_dir), "--shots", "1", "--n", "3",
+                 "--no-pth-first-pair"]) == 0
+    saved = load_scores(store)
+    assert saved.attrs["config"]["pth_first_pair"] is False and saved["pth"].dims == ("block", "head")
+    capsys.readouterr()
+    assert main(["heads", "score", store, "--model", str(tiny_gemma_dir), "--shots", "1", "--n", "3"]) == 2
+    assert "another configuration" in capsys.readouterr().err
 
 
 def test_study_command(tiny_gemma_dir, tmp_path, capsys):

@@ -8,8 +8,8 @@ from heads.selection import layer_placement, parse_heads, random_heads, select_s
 
 def fake_scores(layers=6, heads=4, seed=0):
     rng = np.random.default_rng(seed)
-    coords = {"layer": np.arange(layers), "head": np.arange(heads)}
-    return xr.Dataset({name: (("layer", "head"), rng.random((layers, heads))) for name in ("pth", "ih")}, coords=coords)
+    coords = {"block": np.arange(layers), "head": np.arange(heads)}
+    return xr.Dataset({name: (("block", "head"), rng.random((layers, heads))) for name in ("pth", "ih")}, coords=coords)
 
 
 def test_top_heads_are_the_highest_scores_in_order():
@@ -64,6 +64,8 @@ def test_size_errors():
         top_heads(scores, "ih", k=25)
     with pytest.raises(HeadsError, match="no score 'nope'"):
         top_heads(scores, "nope")
+    with pytest.raises(HeadsError, match="not \\(block, head\\)"):
+        top_heads(scores.rename({"block": "layer"}), "ih")  # head data are indexed by block, not layer
 
 
 def test_layer_placement_means_and_test():
@@ -80,5 +82,5 @@ def test_layer_placement_means_and_test():
 def test_parse_heads():
     assert parse_heads("3.1, 10.0") == [(3, 1), (10, 0)]
     for bad in ("3", "a.b", "3.1,x", ""):
-        with pytest.raises(HeadsError, match="LAYER.HEAD"):
+        with pytest.raises(HeadsError, match="BLOCK.HEAD"):
             parse_heads(bad)

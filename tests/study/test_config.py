@@ -26,6 +26,12 @@ def test_edited_config_round_trips_and_overrides_only_its_keys(tmp_path):
     assert load_config(again) == config
 
 
+def test_pth_first_pair_key(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text("[heads]\npth_first_pair = false\n")
+    assert load_config(path).heads.pth_first_pair is False and StudyConfig().heads.pth_first_pair is True
+
+
 def test_yaml_is_accepted(tmp_path):
     path = tmp_path / "study.yaml"
     path.write_text("data:\n  tasks: [topic]\n  n: 32\n")

@@ -44,6 +44,27 @@ def test_study_writes_every_artefact(finished):
                       "inject_pth"}
     html = (finished / "report.html").read_text()
     assert "data:image/png;base64," in html and "without IH" in html and "Findings" in html
+    # head tables are indexed by block (0..L-1), never by 'layer', which names stored residual states (0..L)
+    assert {"block", "head", "pth", "ih"} <= set(pd.read_csv(finished / "tables/head_scores.csv").columns)
+    assert {"set", "block", "head"} == set(pd.read_csv(finished / "tables/head_sets.csv").columns) - {"task"}
+    assert {"mean_block_ih", "mean_block_pth"} <= set(pd.read_csv(finished / "tables/placement.csv").columns)
+
+
+def test_pth_first_pair_reaches_the_head_scores(tiny_gemma_dir, tmp_path, monkeypatch):
+    import heads.pipeline
+
+    class Scored(Exception):
+        pass
+
+    def stop(*args, pth_first_pair, **kwargs):
+        raise Scored(pth_first_pair)
+
+    monkeypatch.setattr(heads.pipeline, "score", stop)
+    config = tiny_config(tiny_gemma_dir)
+    config.heads.pth_first_pair = False
+    with pytest.raises(Scored) as scored:
+        Study(config, tmp_path, progress=False)._heads("sentiment")
+    assert scored.value.args == (False,)
 
 
 def test_finished_study_runs_nothing_again(finished, tiny_gemma_dir):
