@@ -19,12 +19,20 @@ SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 EXTRA_WORDS = "Sentiment Type Topic Question Article Answer is a : ? . , @ # positive negative yes no".split()
 
 
-def _vocabulary() -> list[str]:
-    words: set[str] = set(EXTRA_WORDS)
+def _corpus() -> list[str]:
+    """The built-in datasets' texts, each followed by its label, and the template words."""
+    lines = [" ".join(EXTRA_WORDS)]
     for path in sorted(DATA.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            words.update(re.findall(r"\w+|[^\w\s]", f"{record['text']} {record['label']}"))
+            lines.append(f"{record['text']} {record['label']}")
+    return lines
+
+
+def _vocabulary() -> list[str]:
+    words: set[str] = set()
+    for line in _corpus():
+        words.update(re.findall(r"\w+|[^\w\s]", line))
     return SPECIALS + sorted(words)
 
 
@@ -44,6 +52,32 @@ def build_word_tokenizer(directory: Path):
     )
     tokenizer.save_pretrained(directory)
     return tokenizer
+
+
+def build_byte_level_tokenizer(directory: Path):
+    """A byte-level BPE tokenizer trained on the built-in datasets until every word is one token (no <bos>).
+
+    transformers pairs some model types (Qwen 2) with their own byte-level BPE tokenizer class whatever the folder's
+    tokenizer config says; such a class rebuilds this tokenizer from its vocabulary and merges unchanged.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1_000_000, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+#: Tiny models whose model type transformers loads with its own byte-level BPE tokenizer class.
+BYTE_LEVEL = {"qwen2"}
 
 
 def _configs(vocab_size: int) -> dict:
@@ -96,14 +130,17 @@ def _randomise_norms(model) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
-    """Folders holding tiny random models, one per tested architecture, in Hugging Face format, sharing one
-    tokenizer."""
+    """Folders holding tiny random models, one per tested architecture, in Hugging Face format, sharing the word
+    tokenizer (the byte-level one for :data:`BYTE_LEVEL` model types)."""
     from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("tiny-models")
-    tokenizer = build_word_tokenizer(root / "tokenizer")
+    words = build_word_tokenizer(root / "tokenizer")
+    byte_level = build_byte_level_tokenizer(root / "byte-level-tokenizer")
     folders = {}
-    for name, config in _configs(len(tokenizer)).items():
+    for name, config in _configs(len(words)).items():
+        tokenizer = byte_level if name in BYTE_LEVEL else words
+        config.vocab_size = len(tokenizer)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
         _randomise_norms(model)
