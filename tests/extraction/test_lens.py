@@ -48,7 +48,7 @@ def test_rows_that_cannot_be_certified_fall_back_to_the_exact_argmax(loaded, mon
 
 
 @torch.no_grad()
-def test_logit_lens_matches_the_full_unembedding(loaded):
+def test_logit_lens_matches_the_full_readout(loaded):
     states = states_of(loaded, rows=2 * 5).reshape(2, 5, -1)
     labels = [5, 9, 3]
     result = logit_lens(loaded, states, labels)
