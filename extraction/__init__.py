@@ -14,6 +14,7 @@ _EXPORTS = {
     "default_model_spec": "extraction.models",
     "Architecture": "extraction.architecture",
     "discover_architecture": "extraction.architecture",
+    "Readout": "extraction.readout",
     "Task": "extraction.tasks",
     "load_task": "extraction.tasks",
     "list_tasks": "extraction.tasks",

@@ -2,18 +2,21 @@
 
 No model names appear here: the decoder layers, final norm, embedding, unembedding, each layer's attention module
 and its output projection are found from the config and the module tree, using small tables of the attribute
-names that Hugging Face architectures use. Anything that cannot be found fails with a message naming what is
+names that Hugging Face architectures use; the read-out (final norm, LM head, declared output post-processing) is
+:class:`extraction.readout.Readout`. Anything that cannot be found fails with a message naming what is
 missing, so a new architecture needs one table entry, not a new branch.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from extraction.errors import ArchitectureError
+from extraction.readout import Readout, declared
 
 #: Dotted paths (relative to the causal LM) where the final norm lives, in the order they are tried.
 FINAL_NORM_PATHS = (
@@ -36,6 +39,8 @@ N_KV_HEADS_KEYS = ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_qu
 N_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+#: Largest relative error of a norm's fitted array form that still counts as exact (float32 fit: about 1e-7).
+FORM_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,7 @@ class Architecture:
 
     layers: nn.ModuleList
     embedding: nn.Module
-    final_norm: nn.Module
-    unembedding: nn.Module
+    readout: Readout
     attentions: tuple[nn.Module, ...]
     output_projections: tuple[nn.Module, ...]
     n_layers: int
@@ -56,6 +60,16 @@ class Architecture:
     vocab_size: int
     max_context: int | None
     layers_path: str
+
+    @property
+    def final_norm(self) -> nn.Module:
+        """The norm applied to the last residual state before the LM head."""
+        return self.readout.final_norm
+
+    @property
+    def unembedding(self) -> nn.Module:
+        """The LM head (output embedding)."""
+        return self.readout.unembedding
 
     @property
     def n_states(self) -> int:
@@ -71,14 +85,10 @@ class Architecture:
 
 
 def _config_value(config, keys: tuple[str, ...], what: str, required: bool = True):
-    sub = getattr(config, "text_config", None)
-    for source in (config, sub):
-        if source is None:
-            continue
-        for key in keys:
-            value = getattr(source, key, None)
-            if value is not None:
-                return value
+    for key in keys:
+        value = declared(config, key)
+        if value is not None:
+            return value
     if required:
         raise ArchitectureError(f"cannot find the {what} in the model config (looked for {', '.join(keys)})")
     return None
@@ -164,8 +174,7 @@ def discover_architecture(model: nn.Module) -> Architecture:
     return Architecture(
         layers=layers,
         embedding=embedding,
-        final_norm=_find_final_norm(model),
-        unembedding=unembedding,
+        readout=Readout.of(_find_final_norm(model), unembedding, config),
         attentions=tuple(attentions),
         output_projections=tuple(projections),
         n_layers=n_layers,
@@ -177,13 +186,6 @@ def discover_architecture(model: nn.Module) -> Architecture:
         max_context=int(max_context) if max_context else None,
         layers_path=layers_path,
     )
-
-
-@torch.no_grad()
-def unembed(arch: Architecture, states: torch.Tensor) -> torch.Tensor:
-    """Logits of residual-stream ``states`` (..., d): final norm then the LM head, as the model itself does."""
-    normed = arch.final_norm(states.to(arch.unembedding.weight.dtype))
-    return arch.unembedding(normed)
 
 
 @dataclass(frozen=True)
@@ -202,11 +204,16 @@ class NormForm:
 
 @torch.no_grad()
 def final_norm_form(arch: Architecture, samples: int = 16, seed: int = 0) -> NormForm:
-    """Fit the final norm as RMSNorm or LayerNorm from random inputs, and check the fit is exact."""
+    """Fit the final norm as RMSNorm or LayerNorm from random inputs, and check the fit is exact.
+
+    The fit runs on a float32 copy of the norm (the model is untouched): in bfloat16 the norm's own rounding
+    (about 4e-3) would hide the form. The result is the form of the norm's weights as stored in the model's dtype.
+    """
     generator = torch.Generator().manual_seed(seed)
-    weight = arch.unembedding.weight
-    x = torch.randn(samples, arch.hidden_size, generator=generator).to(weight.device, torch.float32)
-    y = arch.final_norm(x.to(weight.dtype)).float()
+    norm = copy.deepcopy(arch.final_norm).float()
+    device = arch.unembedding.weight.device
+    x = torch.randn(samples, arch.hidden_size, generator=generator).to(device)
+    y = norm(x).float()
     for center in (False, True):
         z = x - x.mean(dim=1, keepdim=True) if center else x
         z = z / z.pow(2).mean(dim=1, keepdim=True).sqrt()
@@ -215,6 +222,6 @@ def final_norm_form(arch: Architecture, samples: int = 16, seed: int = 0) -> Nor
         gain = ((z - z_mean) * (y - y_mean)).sum(0) / (z - z_mean).pow(2).sum(0)
         bias = y_mean - gain * z_mean
         residual = (y - (gain * z + bias)).abs().max() / (y.abs().max() + 1e-12)
-        if residual < 1e-3:
+        if residual < FORM_TOLERANCE:
             return NormForm(gain.cpu(), bias.cpu(), center, True)
     return NormForm(torch.ones(arch.hidden_size), torch.zeros(arch.hidden_size), False, False)

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-from extraction.architecture import Architecture, unembed
+from extraction.architecture import Architecture
 from extraction.errors import ArchitectureError
 
 LAYER_CONVENTION = (
@@ -110,15 +110,17 @@ def run_with_capture(loaded, input_ids: torch.Tensor, attention_mask: torch.Tens
 
 @torch.no_grad()
 def verify_capture(loaded, text: str = "The capital of France is Paris. The capital of Italy is", atol: float = 1e-3):
-    """Check that unembedding the captured last state reproduces the model's own final logits."""
+    """Check that the read-out of the captured last state reproduces the model's own final logits."""
     encoded = loaded.tokenizer([text], return_tensors="pt")
     states, logits = run_with_capture(loaded, encoded["input_ids"], encoded["attention_mask"])
-    lens = unembed(loaded.arch, states[:, -1].to(loaded.device)).float().cpu()
+    readout = loaded.arch.readout
+    lens = readout(states[:, -1].to(loaded.device)).cpu()
     scale = logits.abs().max().item() + 1e-6
     error = (lens - logits.cpu()).abs().max().item() / scale
     tolerance = atol if loaded.arch.unembedding.weight.dtype == torch.float32 else 2e-2
     if error > tolerance:
         raise ArchitectureError(
-            f"the captured final state does not reproduce the model's logits (relative error {error:.2e}); "
-            "the final norm or unembedding found for this architecture is not the one the model uses"
+            f"the read-out of the captured final state ({readout.describe()}) does not reproduce the model's logits "
+            f"(relative error {error:.2e}): this architecture's final norm, LM head or output post-processing is "
+            "not the one found; add what it uses to the tables in extraction/architecture.py or extraction/readout.py"
         )

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
@@ -29,7 +30,8 @@ from extraction.tasks import Task, load_task
 log = logging.getLogger(__name__)
 
 STORE_DTYPES = ("float32", "float16")
-LENS_CONVENTION = "logit lens: final norm applied to each layer's state, then the LM head (as for the model's output)"
+LENS_CONVENTION = ("logit lens: final norm applied to each layer's state, then the LM head, then the output scaling "
+                   "and soft-capping the config declares (as for the model's output)")
 LIBRARIES = ("icl-geometry", "torch", "transformers", "numpy", "xarray", "zarr")
 
 
@@ -68,6 +70,8 @@ def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[st
 def _static(loaded: LoadedModel, words: tuple[str, ...], tokens: list[int]) -> tuple[dict, dict]:
     arch = loaded.arch
     rows = arch.unembedding.weight[tokens].detach().float().cpu()
+    head_bias = arch.unembedding.bias
+    head_bias = torch.zeros(len(tokens)) if head_bias is None else head_bias[tokens].detach().float().cpu()
     form = final_norm_form(arch)
     static = {
         "class": (("class",), np.array(words)),
@@ -75,9 +79,10 @@ def _static(loaded: LoadedModel, words: tuple[str, ...], tokens: list[int]) -> t
         "label_token": (("class",), np.array(tokens, dtype=np.int64)),
         "unembed": (("class", "dim"), rows.numpy()),
         "lens_unembed": (("class", "dim"), (rows * form.gain).numpy()),
-        "lens_bias": (("class",), (rows @ form.bias).numpy()),
+        "lens_bias": (("class",), (rows @ form.bias + head_bias).numpy()),
     }
-    attrs = {"lens_center": form.center, "lens_form_exact": form.exact}
+    attrs = {"lens_center": form.center, "lens_form_exact": form.exact,
+             "lens_logit_scale": arch.readout.scale, "lens_softcap": arch.readout.softcap}
     return static, attrs
 
 

@@ -1,5 +1,10 @@
 """The whole-vocabulary logit lens of the query states: top-1 token and label-word logits at every layer.
 
+Both come from the model's one read-out (:class:`extraction.readout.Readout`): the label logits are the read-out's
+values (output scaling and soft-capping included); the top-1 token is taken on the LM head's raw output, which has
+the same order (the post-processing is strictly increasing) and, unlike soft-capped float32 values, no ties where
+``tanh`` saturates.
+
 With a large vocabulary (Gemma 3: 262,144 rows) the lens costs about as much as the forward pass itself. For float32
 (or float64) models it therefore runs a **certified shortlist**: a bfloat16 pass over the whole vocabulary picks
 ``SHORTLIST`` candidates per row, their logits are recomputed exactly, and the exact best candidate is accepted only
@@ -24,8 +29,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from extraction.architecture import Architecture, unembed
 from extraction.models import LoadedModel
+from extraction.readout import Readout
 
 #: Rows unembedded at once (bounds memory at rows x vocabulary logits).
 LENS_ROWS = 256
@@ -56,9 +61,9 @@ class _HalfUnembedding:
 _HALVES: "weakref.WeakKeyDictionary[torch.nn.Module, _HalfUnembedding]" = weakref.WeakKeyDictionary()
 
 
-def _half(arch: Architecture) -> _HalfUnembedding:
-    """The bfloat16 copy of ``arch``'s unembedding, made once and re-made if the weight changes in place."""
-    module, weight = arch.unembedding, arch.unembedding.weight
+def _half(readout: Readout) -> _HalfUnembedding:
+    """The bfloat16 copy of the read-out's LM head, made once and re-made if the weight changes in place."""
+    module, weight = readout.unembedding, readout.unembedding.weight
     version = (weight.data_ptr(), weight._version)
     cached = _HALVES.get(module)
     if cached is None or cached.version != version:
@@ -67,9 +72,9 @@ def _half(arch: Architecture) -> _HalfUnembedding:
     return cached
 
 
-def shortlist_applies(arch: Architecture) -> bool:
-    """The certified shortlist serves float32/float64 unembeddings whose vocabulary is larger than the shortlist."""
-    weight = arch.unembedding.weight
+def shortlist_applies(readout: Readout) -> bool:
+    """The certified shortlist serves float32/float64 LM heads whose vocabulary is larger than the shortlist."""
+    weight = readout.unembedding.weight
     return weight.dtype in (torch.float32, torch.float64) and weight.shape[0] > SHORTLIST
 
 
@@ -83,14 +88,14 @@ def _outside_bound(normed: torch.Tensor, last: torch.Tensor, max_row_norm: float
     return last + SAFETY * (rounding + output)
 
 
-def _exact_top(normed: torch.Tensor, arch: Architecture) -> torch.Tensor:
-    return arch.unembedding(normed).argmax(dim=-1)
+def _exact_top(normed: torch.Tensor, readout: Readout) -> torch.Tensor:
+    return readout.project(normed).argmax(dim=-1)
 
 
-def shortlist_top(arch: Architecture, normed: torch.Tensor) -> torch.Tensor:
+def shortlist_top(readout: Readout, normed: torch.Tensor) -> torch.Tensor:
     """Exact top-1 token of the logits of final-normed rows ``normed`` (rows, d), through the certified shortlist."""
-    half = _half(arch)
-    weight, bias = arch.unembedding.weight, arch.unembedding.bias
+    half = _half(readout)
+    weight, bias = readout.unembedding.weight, readout.unembedding.bias
     approx = F.linear(normed.bfloat16(), half.weight)
     if bias is not None:
         approx = approx.to(normed.dtype) + bias
@@ -103,30 +108,28 @@ def shortlist_top(arch: Architecture, normed: torch.Tensor) -> torch.Tensor:
     certified = best[:, 0] > _outside_bound(normed, values[:, -1].to(best.dtype), half.max_row_norm)
     if not bool(certified.all()):
         unsure = ~certified
-        top[unsure] = _exact_top(normed[unsure], arch)
+        top[unsure] = _exact_top(normed[unsure], readout)
     return top
 
 
 @torch.no_grad()
 def logit_lens(loaded: LoadedModel, states: torch.Tensor, label_tokens: list[int]) -> LensResult:
-    """Unembed (B, L+1, d) states in row chunks, keeping only the top-1 token and the label words' logits."""
-    arch = loaded.arch
+    """Read out (B, L+1, d) states in row chunks, keeping only the top-1 token and the label words' logits."""
+    readout = loaded.arch.readout
     batch, layers, dim = states.shape
     flat = states.reshape(-1, dim)
-    fast = shortlist_applies(arch)
+    fast = shortlist_applies(readout)
     tops, labels = [], []
     for start in range(0, len(flat), LENS_ROWS):
-        rows = flat[start:start + LENS_ROWS].to(loaded.device)
+        normed = readout.normalise(flat[start:start + LENS_ROWS].to(loaded.device))
         if fast:
-            normed = arch.final_norm(rows.to(arch.unembedding.weight.dtype))
-            tops.append(shortlist_top(arch, normed).cpu())
-            label_rows = F.linear(normed, arch.unembedding.weight[label_tokens],
-                                  None if arch.unembedding.bias is None else arch.unembedding.bias[label_tokens])
-            labels.append(label_rows.float().cpu())
+            tops.append(shortlist_top(readout, normed).cpu())
+            raw_labels = readout.project(normed, label_tokens)
         else:
-            logits = unembed(arch, rows).float()
-            tops.append(logits.argmax(dim=-1).cpu())
-            labels.append(logits[:, label_tokens].cpu())
+            raw = readout.project(normed)
+            tops.append(raw.argmax(dim=-1).cpu())
+            raw_labels = raw[:, label_tokens]
+        labels.append(readout.postprocess(raw_labels).cpu())
     return LensResult(
         torch.cat(tops).reshape(batch, layers).numpy(),
         torch.cat(labels).reshape(batch, layers, -1).numpy(),

@@ -20,13 +20,15 @@ variable               dims                       meaning
 ``done``               example                    written completely (resume marker; written last per batch)
 ``unembed``            class, dim                 unembedding rows of the label words' tokens
 ``lens_unembed``       class, dim                 ``unembed`` times the final norm's gain (see ``lens_*`` attrs)
-``lens_bias``          class                      label logits' offset from the final norm's bias (0 for RMSNorm)
+``lens_bias``          class                      label logits' offset from the norm's and LM head's biases
 ``label_token``        class                      token id of each label word (coordinate ``class`` = words)
 =====================  =========================  ==============================================================
 
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
-the final norm subtracts the mean), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
+the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
+and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
+``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
 """
 

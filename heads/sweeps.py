@@ -15,8 +15,9 @@ Methods, which give the same numbers (checked in the tests and the benchmark):
   embeddings...). For each layer l, the batch is stacked with one copy per head of l (copy j ablates head j), and
   only blocks l..L-1 are re-run from the recorded input of block l, with the recorded arguments repeated for the
   copies. Layers below l are never recomputed (about half the work of the naive loop, more as l grows), and only the
-  label words' logits are computed: final norm, then their unembedding rows (with final logit soft-capping when the
-  config has it). The read-out is checked against the model's own logits on every batch's clean pass.
+  label words' logits are computed, through the model's one read-out (:class:`extraction.readout.Readout`: final
+  norm, their LM head rows, the output scaling and soft-capping the config declares). The read-out is checked
+  against the model's own logits on every batch's clean pass.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from heads.selection import Head
 log = logging.getLogger(__name__)
 
 METHODS = ("fast", "naive")
-SOFTCAP_KEYS = ("final_logit_softcapping",)
 READOUT_TOLERANCE = 1e-3
 
 
@@ -52,28 +52,6 @@ def logit_diff(label_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     others = label_logits.copy()
     np.put_along_axis(others, labels[..., None], -np.inf, axis=-1)
     return gold - others.max(axis=-1)
-
-
-class LabelReadout:
-    """Label words' logits from final residual states: final norm, their unembedding rows, soft-capping if any."""
-
-    def __init__(self, arch: Architecture, config: Any, label_tokens: Sequence[int]):
-        self.arch = arch
-        weight = arch.unembedding.weight
-        self.rows = weight[list(label_tokens)].detach()
-        bias = getattr(arch.unembedding, "bias", None)
-        self.bias = None if bias is None else bias[list(label_tokens)].detach()
-        sources = (config, getattr(config, "text_config", None))
-        caps = [getattr(c, key, None) for c in sources if c is not None for key in SOFTCAP_KEYS]
-        self.softcap = next((float(c) for c in caps if c), None)
-
-    @torch.no_grad()
-    def __call__(self, states: torch.Tensor) -> torch.Tensor:
-        normed = self.arch.final_norm(states.to(self.rows.dtype))
-        logits = torch.nn.functional.linear(normed, self.rows, self.bias).float()
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.cpu()
 
 
 class _LayerCalls:
@@ -158,7 +136,10 @@ def _by_layer(heads: list[Head]) -> dict[int, list[int]]:
 
 def _fast(loaded: LoadedModel, reference: PromptBatches, heads: list[Head], rows_per_pass: int, progress: bool):
     arch = loaded.arch
-    readout = LabelReadout(arch, loaded.model.config, reference.label_tokens)
+
+    def readout(states: torch.Tensor) -> torch.Tensor:
+        return arch.readout(states, reference.label_tokens).cpu()
+
     by_layer = _by_layer(heads)
     n = len(reference.prompts.prompts)
     clean = np.zeros((n, len(reference.label_tokens)), np.float32)

@@ -3,7 +3,6 @@ import pytest
 import torch
 import xarray as xr
 
-from extraction.architecture import unembed
 from extraction.errors import ModelLoadError, PromptError, StoreError
 from extraction.extractor import accuracy, extract
 from extraction.models import load_model
@@ -138,6 +137,6 @@ def test_real_model_icl_beats_zero_shot(real_model, tmp_path):
     assert icl["accuracy"] >= zero["accuracy"] + 0.3
     states = torch.from_numpy(open_group(store, "icl")["hidden"].values[:16]).reshape(-1, real_model.arch.hidden_size)
     with torch.no_grad():
-        exact = unembed(real_model.arch, states).argmax(dim=-1).numpy()
+        exact = real_model.arch.readout(states).argmax(dim=-1).numpy()
     stored = open_group(store, "icl")["lens_top_token"].values[:16].reshape(-1)
     assert (stored == exact).all()  # the certified bfloat16 shortlist gives the exact whole-vocabulary top-1

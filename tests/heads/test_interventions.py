@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 
-from extraction.architecture import unembed
 from extraction.capture import forward_last, run_with_capture
 from extraction.extractor import extract
 from heads.errors import HeadsError
@@ -154,7 +153,7 @@ def test_injection_at_the_final_state_shifts_logits_exactly(tiny):
     states, _ = run_with_capture(tiny, ids, mask)
     with inject(tiny, vector, arch.n_layers):
         injected = forward_last(tiny.model, ids, mask)
-    expected = unembed(arch, states[:, -1] + vector)
+    expected = arch.readout(states[:, -1] + vector)
     torch.testing.assert_close(injected, expected, atol=1e-4, rtol=1e-4)
 
 
