@@ -88,7 +88,8 @@ def attention_output_norms(loaded: LoadedModel) -> tuple[nn.Module | None, ...]:
 
     Found with one short forward pass: the child of the decoder layer whose input is the attention module's output
     tensor itself (Gemma 2/3's post-attention norm); a norm applied to the residual sum (Llama's
-    ``post_attention_layernorm``, GPT-2's ``ln_2``) does not receive that tensor and is not picked.
+    ``post_attention_layernorm``, GPT-2's ``ln_2``) does not receive that tensor and is not picked, and neither is
+    a child that returns its input unchanged (GPT-NeoX's and Phi-3's attention dropout in eval mode).
     """
     arch = loaded.arch
     outputs: dict[int, torch.Tensor] = {}
@@ -100,14 +101,16 @@ def attention_output_norms(loaded: LoadedModel) -> tuple[nn.Module | None, ...]:
         return hook
 
     def check(layer: int, child: nn.Module):
-        def hook(module, args):
-            if args and args[0] is outputs.get(layer):
+        def hook(module, args, output):
+            received = args[0] if args else None
+            changed = output is not received and not (torch.is_tensor(output) and torch.equal(output, received))
+            if received is not None and received is outputs.get(layer) and changed:
                 found[layer] = child
         return hook
 
     handles = [attention.register_forward_hook(keep(l)) for l, attention in enumerate(arch.attentions)]
     for layer, block in enumerate(arch.layers):
-        handles += [child.register_forward_pre_hook(check(layer, child))
+        handles += [child.register_forward_hook(check(layer, child))
                     for child in block.children() if child is not arch.attentions[layer]]
     try:
         encoded = loaded.tokenizer(["The answer is"], return_tensors="pt")
