@@ -26,7 +26,9 @@ variable               dims                       meaning
 
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
-the final norm subtracts the mean), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
+the final norm subtracts the mean), ``intervention`` (None for plain runs, else the list of the interventions'
+records, see :mod:`extraction.interventions`, whose arrays are stored as ``intervention<i>_<name>``), ``n_layers``,
+``task``, ``shots``.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
 """
 

@@ -59,7 +59,8 @@ def test_mean_ablation_records_and_stores_the_means_used(tiny_gemma, tmp_path):
     np.testing.assert_allclose(group["hidden"].values, expected, atol=1e-5)
     record = group.attrs["intervention"]
     assert record == group.attrs["config"]["intervention"] == [ablation.describe()]
-    assert record[0]["kind"] == "head_ablation" and record[0]["mode"] == "mean" and record[0]["origin"] == {"set": "mine"}
+    assert record[0]["kind"] == "head_ablation" and record[0]["mode"] == "mean"
+    assert record[0]["origin"] == {"set": "mine"}
     assert record[0]["heads"] == [[1, 2], [3, 0]]
     stored = group["intervention0_means"].values
     np.testing.assert_array_equal(stored, means.numpy())
@@ -84,7 +85,8 @@ def test_two_interventions_compose(tiny_gemma, tmp_path):
     vector = vector_of(tiny_gemma.arch, seed=3)
     both = [HeadAblation(HEADS), Injection(vector, 3)]
     group = extract(tiny_gemma, tmp_path / "s.zarr", setting="both", intervention=both, **COMMON)
-    expected = states_inside(tiny_gemma, group, lambda: ablate(tiny_gemma, HEADS), lambda: inject(tiny_gemma, vector, 3))
+    expected = states_inside(tiny_gemma, group, lambda: ablate(tiny_gemma, HEADS),
+                             lambda: inject(tiny_gemma, vector, 3))
     np.testing.assert_allclose(group["hidden"].values, expected, atol=1e-5)
     assert [r["kind"] for r in group.attrs["intervention"]] == ["head_ablation", "injection"]
     assert "intervention1_vector" in group and "intervention0_vector" not in group
@@ -112,12 +114,14 @@ def test_hooks_are_removed_after_the_run_and_when_it_raises_mid_way(tiny_gemma, 
     handle = arch.layers[-1].register_forward_hook(second_batch_fails)
     try:
         with pytest.raises(Boom):
-            extract(tiny_gemma, tmp_path / "s.zarr", setting="broken", intervention=both, **{**COMMON, "batch_size": 2})
+            extract(tiny_gemma, tmp_path / "s.zarr", setting="broken", intervention=both,
+                    **{**COMMON, "batch_size": 2})
     finally:
         handle.remove()
     assert len(calls) == 2 and hook_counts(arch) == before
     # the interrupted group resumes under the same interventions, and the result equals an uninterrupted run
-    resumed = extract(tiny_gemma, tmp_path / "s.zarr", setting="broken", intervention=both, **{**COMMON, "batch_size": 2})
+    resumed = extract(tiny_gemma, tmp_path / "s.zarr", setting="broken", intervention=both,
+                      **{**COMMON, "batch_size": 2})
     whole = extract(tiny_gemma, tmp_path / "s.zarr", setting="both", intervention=both, **COMMON)
     np.testing.assert_allclose(resumed["hidden"].values, whole["hidden"].values, atol=1e-5)
 
