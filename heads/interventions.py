@@ -20,16 +20,20 @@ from typing import Any, Sequence
 
 import torch
 
-from extraction.interventions import (  # noqa: F401  (re-exported for heads' own modules and users)
-    MODES,
-    HeadAblation,
-    Injection,
-    architecture_of,
-    check_heads,
-    check_state_index,
-    head_patch_hook,
-)
+from extraction.architecture import Architecture
+from extraction.errors import InterventionError
+from extraction.interventions import MODES, HeadAblation, Injection, head_patch_hook  # noqa: F401  (re-exported)
+from extraction.interventions import check_heads as check_intervention_heads
+from heads.errors import HeadsError
 from heads.selection import Head
+
+
+def check_heads(arch: Architecture, heads: Sequence[Head]) -> list[Head]:
+    """Validated, de-duplicated heads for heads' own tools (sweep, task vectors), whose mistakes are HeadsErrors."""
+    try:
+        return check_intervention_heads(arch, heads)
+    except InterventionError as error:
+        raise HeadsError(str(error)) from None
 
 
 def ablate(target: Any, heads: Sequence[Head], *, mode: str = "zero",
