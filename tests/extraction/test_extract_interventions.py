@@ -161,3 +161,31 @@ def test_interventions_are_checked_against_the_model_before_anything_is_written(
         extract(tiny_gemma, store, setting="bad", intervention=[HeadAblation([(0, 0)]), Injection(torch.ones(3), 1)],
                 **COMMON)
     assert not store.exists() or "bad" not in [p.name for p in store.iterdir()]
+
+
+def test_a_new_kind_sees_each_batch_before_its_forward_pass(tiny_gemma, tmp_path):
+    """The extension point of the kinds to come (edge knockout through the mask, patching from a donor run)."""
+    from extraction.interventions import Intervention
+
+    class Watch(Intervention):
+        kind, usage, origin = "watch", "Watch()", None
+        seen: list = []
+
+        def check(self, arch):
+            pass
+
+        def install(self, arch, batch, stack):
+            self.seen.append(batch.attention_mask.shape)
+            stack.callback(self.seen.append, "undone")
+
+        def settings(self):
+            return {}
+
+        @classmethod
+        def from_record(cls, record, arrays):
+            return cls()
+
+    group = extract(tiny_gemma, tmp_path / "s.zarr", setting="watched", intervention=Watch(), **COMMON)
+    # one install per batch (6 prompts in batches of 4 and 2), each undone before the next
+    assert [entry if entry == "undone" else entry[0] for entry in Watch.seen] == [4, "undone", 2, "undone"]
+    assert group.attrs["intervention"] == [{"kind": "watch", "data": {}, "origin": None}]
