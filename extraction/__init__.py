@@ -22,6 +22,9 @@ _EXPORTS = {
     "build_prompts": "extraction.prompts",
     "extract": "extraction.extractor",
     "ExtractionConfig": "extraction.extractor",
+    "Intervention": "extraction.interventions",
+    "HeadAblation": "extraction.interventions",
+    "Injection": "extraction.interventions",
     "open_group": "extraction.store",
     "list_groups": "extraction.store",
 }

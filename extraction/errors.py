@@ -29,3 +29,7 @@ class PromptError(ICLGeometryError):
 
 class StoreError(ICLGeometryError):
     """A store or group is missing, malformed, or holds a different configuration."""
+
+
+class InterventionError(ICLGeometryError):
+    """An intervention (head ablation, injection, ...) does not fit the model or is passed in a form that is refused."""

@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from tqdm.auto import tqdm
 from extraction.architecture import final_norm_form
 from extraction.capture import LAYER_CONVENTION, run_with_capture
 from extraction.errors import StoreError
+from extraction.interventions import (Batch, Intervention, as_interventions, intervening, refuse_active,
+                                      stored_arrays)
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.prompts import PromptConfig, PromptSet, build_prompts, encode, label_token_ids
@@ -103,17 +105,23 @@ def extract(
     label_words: tuple[str, ...] | None = None,
     allow_multitoken_labels: bool = False,
     store_dtype: str = "float32",
-    intervention: dict[str, Any] | None = None,
+    intervention: Intervention | Sequence[Intervention] | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> xr.Dataset:
     """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
 
-    ``setting`` defaults to ``icl`` (shots > 0) or ``zero_shot``. ``intervention`` is a description recorded with
-    the group when the call runs inside an intervention context manager (ablation, injection). Re-running with the
-    same arguments resumes an interrupted run; different arguments into an existing group are refused unless
-    ``overwrite``.
+    ``setting`` defaults to ``icl`` (shots > 0) or ``zero_shot``. ``intervention`` is an intervention object (e.g.
+    ``heads.HeadAblation(heads)``, ``heads.Injection(vector, layer)``) or a list of them, applied in order around
+    every forward pass of the run and recorded exactly with the group (see :mod:`extraction.interventions`).
+    Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
+    included) into an existing group are refused unless ``overwrite``.
     """
+    interventions = as_interventions(intervention)
+    refuse_active(loaded.arch)
+    for item in interventions:
+        item.check(loaded.arch)
+    records = [item.describe() for item in interventions] or None
     if store_dtype not in STORE_DTYPES:
         raise StoreError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, not {store_dtype!r}")
     if batch_size < 1:
@@ -128,21 +136,21 @@ def extract(
     config = {
         **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
         "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
-        "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": intervention,
+        "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": records,
     }
     writer = GroupWriter(out, setting, config, overwrite=overwrite)
     if not writer.exists:
         static, lens_attrs = _static(loaded, prompts.label_words, tokens)
         writer.create(
-            _layout(n, shots, loaded.arch, len(tokens), store_dtype), static,
+            _layout(n, shots, loaded.arch, len(tokens), store_dtype), {**static, **stored_arrays(interventions)},
             {
                 "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
                 "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": intervention, "provenance": {**loaded.provenance, "libraries": _versions()},
+                "intervention": records, "provenance": {**loaded.provenance, "libraries": _versions()},
                 **lens_attrs,
             },
         )
-    _fill(loaded, writer, prompts, tokens, batch_size, store_dtype, progress)
+    _fill(loaded, writer, prompts, tokens, interventions, batch_size, store_dtype, progress)
     return open_group(out, setting)
 
 
@@ -153,8 +161,8 @@ def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarr
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
-def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], batch_size: int, store_dtype: str,
-          progress: bool) -> None:
+def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], interventions: list[Intervention],
+          batch_size: int, store_dtype: str, progress: bool) -> None:
     pending = writer.pending()
     if len(pending) == 0:
         return
@@ -166,7 +174,8 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], ba
     for index in batches_by_length(loaded, prompts, pending, batch_size):
         batch = [prompts.prompts[i] for i in index]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
-        states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
+        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask)):
+            states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
         lens = logit_lens(loaded, states, tokens)
         labels = np.array([p.label for p in batch])
         predicted = logits.argmax(dim=-1).numpy()

@@ -28,7 +28,9 @@ Group attrs: ``config`` (the extraction configuration; a resume must match it), 
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
 and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
-``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
+``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None), ``intervention``
+(None for plain runs, else the list of the interventions' records, see :mod:`extraction.interventions`, whose arrays
+are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
 """
 

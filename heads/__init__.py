@@ -1,13 +1,13 @@
 """Attention heads behind in-context learning ([Y] Yang et al., NeurIPS 2025): head scores, selection, ablation and
-injection context managers, task vectors, a fast single-head ablation sweep, and the whole study in one call.
+injection (objects a run applies, or context managers around your own forward passes), task vectors, a fast
+single-head ablation sweep, and the whole study in one call.
 
 Submodules are imported on first use, so ``import heads`` stays cheap::
 
     import heads
     scores = heads.score(loaded, task="sentiment", store="store.zarr")
     ih = heads.top_heads(scores, "ih", fraction=0.1)
-    with heads.ablate(loaded, ih) as info:
-        extract(loaded, "store.zarr", setting="ablate_ih", intervention=info)
+    extract(loaded, "store.zarr", setting="ablate_ih", intervention=heads.HeadAblation(ih))
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ _EXPORTS = {
     "layer_placement": "heads.selection",
     "Placement": "heads.selection",
     "parse_heads": "heads.selection",
+    "HeadAblation": "extraction.interventions",
+    "Injection": "extraction.interventions",
     "ablate": "heads.interventions",
     "inject": "heads.interventions",
     "head_means": "heads.task_vectors",

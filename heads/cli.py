@@ -115,7 +115,7 @@ def run_score(args: argparse.Namespace) -> int:
 
 def run_ablate(args: argparse.Namespace) -> int:
     from extraction.extractor import accuracy, extract
-    from heads.interventions import ablate
+    from extraction.interventions import HeadAblation
     from heads.task_vectors import head_means
 
     loaded = _load(args)
@@ -126,16 +126,16 @@ def run_ablate(args: argparse.Namespace) -> int:
     means = None
     if args.mode == "mean":
         means = head_means(loaded, **{**kwargs, "n": args.n_score}, batch_size=args.batch_size)
-    with ablate(loaded, heads, mode=args.mode, means=means) as description:
-        dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
-                          intervention={**description, "set": args.set if named else "custom"}, **kwargs)
+    ablation = HeadAblation(heads, args.mode, means, origin={"set": args.set if named else "custom"})
+    dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
+                      intervention=ablation, **kwargs)
     _print({"store": args.store, "group": setting, "heads": heads, **accuracy(dataset)})
     return 0
 
 
 def run_inject(args: argparse.Namespace) -> int:
     from extraction.extractor import accuracy, extract
-    from heads.interventions import inject
+    from extraction.interventions import Injection
     from heads.pipeline import injection_layer
     from heads.task_vectors import VECTOR_SPACE, task_vector
 
@@ -146,12 +146,11 @@ def run_inject(args: argparse.Namespace) -> int:
     kwargs = prompt_kwargs(args)
     vector = task_vector(loaded, heads, **{**kwargs, "n": args.n_score}, batch_size=args.batch_size)
     setting = args.setting or f"inject_{args.vector}"
-    with inject(loaded, vector, layer) as description:
-        dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
-                          intervention={**description, "vector": f"{args.vector} task vector", "space": VECTOR_SPACE,
-                                        "heads": [list(h) for h in heads],
-                                        "reference": {"shots": args.shots, "n": args.n_score, "seed": args.seed}},
-                          **{**kwargs, "shots": 0})
+    origin = {"vector": f"{args.vector} task vector", "space": VECTOR_SPACE, "heads": [list(h) for h in heads],
+              "reference": {"shots": args.shots, "n": args.n_score, "seed": args.seed}}
+    injection = Injection(vector, layer, origin=origin)
+    dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
+                      intervention=injection, **{**kwargs, "shots": 0})
     _print({"store": args.store, "group": setting, "layer": layer, "heads": heads,
             "vector_norm": float(vector.norm()), **accuracy(dataset)})
     return 0

@@ -16,15 +16,14 @@ inject_pth     ``inject_pth``    zero-shot, PTH task vector added to the final s
 
 Head scores are saved as group ``head_scores``. Every step re-uses what the store already holds: extraction
 resumes or skips complete groups, scores are re-used when their configuration matches, and a complete intervention
-group whose recorded intervention matches is not recomputed (nor is its task vector or head means), so a re-run
-costs only the measures.
+group whose recorded intervention was made the same way is re-used with the vector or means it stores (they are not
+recomputed), so a re-run costs only the measures.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -35,11 +34,12 @@ import xarray as xr
 
 from extraction.errors import StoreError
 from extraction.extractor import accuracy, extract
+from extraction.interventions import (MODES, HeadAblation, Injection, Intervention, check_state_index,
+                                      recorded_interventions)
 from extraction.models import LoadedModel
 from extraction.store import open_group
 from extraction.tasks import Task
 from heads.errors import HeadsError
-from heads.interventions import MODES, ablate, check_state_index, describe_ablation, describe_injection, inject
 from heads.records import same_record
 from heads.scores import score
 from heads.selection import Head, Placement, layer_placement, random_heads, select_sets
@@ -87,24 +87,32 @@ def injection_layer(n_layers: int) -> int:
     return int(np.floor(3 * n_layers / 8 + 0.5))
 
 
-def _complete_with(store: Path, group: str, intervention: dict[str, Any]) -> bool:
-    """Whether ``group`` is complete and was written under ``intervention``."""
+def _recorded_if_complete(store: Path, group: str, recipe: dict[str, Any]) -> Intervention | None:
+    """The intervention ``group`` was written under, when the group is complete and its record agrees with every key
+    of ``recipe`` (how the intervention is made: kind, heads, layer, origin ...); otherwise None."""
     try:
         dataset = open_group(store, group)
     except StoreError:
-        return False
-    return same_record(dataset.attrs.get("intervention"), intervention)
+        return None
+    records = dataset.attrs.get("intervention")
+    if not isinstance(records, list) or len(records) != 1:
+        return None
+    if not all(same_record(records[0].get(key), value) for key, value in recipe.items()):
+        return None
+    return recorded_interventions(dataset)[0]
 
 
-def _extract_under(loaded: LoadedModel, store: Path, group: str, intervention: dict[str, Any],
-                   enter: Callable[[], AbstractContextManager], **extract_kwargs: Any) -> xr.Dataset:
-    """Extract ``group`` inside the context ``enter()`` builds, unless it is already complete with ``intervention``
-    (then nothing is computed: not even the context's vector or means)."""
-    if _complete_with(store, group, intervention):
+def _extract_with(loaded: LoadedModel, store: Path, group: str, recipe: dict[str, Any],
+                  build: Callable[[], Intervention], **extract_kwargs: Any) -> xr.Dataset:
+    """Extract ``group`` with the intervention ``build()`` makes, unless the group is complete and was made by
+    ``recipe``: then its recorded intervention (with its stored vector or means) is passed, so nothing is recomputed
+    and ``extract`` still checks the rest of the configuration."""
+    intervention = _recorded_if_complete(store, group, recipe)
+    if intervention is None:
+        intervention = build()
+    else:
         log.info("re-using complete group %s", group)
-        return extract(loaded, store, setting=group, intervention=intervention, **extract_kwargs)
-    with enter():
-        return extract(loaded, store, setting=group, intervention=intervention, **extract_kwargs)
+    return extract(loaded, store, setting=group, intervention=intervention, **extract_kwargs)
 
 
 def accuracy_table(store: Path, groups: dict[str, str]) -> pd.DataFrame:
@@ -196,22 +204,23 @@ def study(
     source = {"shots": shots, "n": n_score, "seed": seed}  # the reference prompts of head means and task vectors
     means = functools.cache(lambda: head_means(loaded, **reference) if mode == "mean" else None)
 
-    def ablation(name: str) -> AbstractContextManager:
-        return ablate(loaded, sets[name], mode=mode, means=means())
+    def ablation(name: str, origin: dict[str, Any]) -> HeadAblation:
+        return HeadAblation(sets[name], mode, means(), origin=origin)
 
-    def injection(name: str) -> AbstractContextManager:
-        return inject(loaded, task_vector(loaded, sets[name], **reference), layers[name])
+    def injection(name: str, origin: dict[str, Any]) -> Injection:
+        return Injection(task_vector(loaded, sets[name], **reference), layers[name], origin=origin)
 
     for name in ("pth", "ih", "random"):
-        description = {**describe_ablation(sets[name], mode), "set": name,
-                       **({"means_reference": source} if mode == "mean" else {})}
-        _extract_under(loaded, store, names[f"ablate_{name}"], description, functools.partial(ablation, name),
-                       shots=shots, **common)
+        origin = {"set": name, **({"means_reference": source} if mode == "mean" else {})}
+        recipe = {"kind": HeadAblation.kind, "heads": [list(h) for h in sets[name]], "mode": mode, "origin": origin}
+        _extract_with(loaded, store, names[f"ablate_{name}"], recipe, functools.partial(ablation, name, origin),
+                      shots=shots, **common)
     for name, layer in layers.items():
-        description = {**describe_injection(layer), "vector": f"{name} task vector", "space": VECTOR_SPACE,
-                       "heads": [list(h) for h in sets[name]], "reference": source}
-        _extract_under(loaded, store, names[f"inject_{name}"], description, functools.partial(injection, name),
-                       shots=0, **common)
+        origin = {"vector": f"{name} task vector", "space": VECTOR_SPACE, "heads": [list(h) for h in sets[name]],
+                  "reference": source}
+        recipe = {"kind": Injection.kind, "layer": layer, "position": "last", "scale": 1.0, "origin": origin}
+        _extract_with(loaded, store, names[f"inject_{name}"], recipe, functools.partial(injection, name, origin),
+                      shots=0, **common)
 
     result = HeadStudy(store, scores, sets, placement, accuracy_table(store, names), names,
                        {f"inject_{name}": layer for name, layer in layers.items()})

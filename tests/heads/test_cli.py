@@ -41,7 +41,8 @@ def test_score_ablate_inject(tiny_gemma_dir, tmp_path, capsys):
     assert ablated["group"] == "ablate_ih" and [list(h) for h in ablated["heads"]] == scores_top_ih(store)
     assert main(["heads", "ablate", store, *model, "--set", "1.2,3.0", "--mode", "mean", "--shots", "2", "--n", "5",
                  "--n-score", "4", "--setting", "mine"]) == 0
-    assert open_group(store, "mine").attrs["intervention"]["heads"] == [[1, 2], [3, 0]]
+    [record] = open_group(store, "mine").attrs["intervention"]
+    assert record["heads"] == [[1, 2], [3, 0]] and record["mode"] == "mean" and record["origin"] == {"set": "custom"}
     capsys.readouterr()
     assert main(["heads", "inject", store, *model, "--vector", "pth", "--shots", "2", "--n", "5",
                  "--n-score", "6"]) == 0

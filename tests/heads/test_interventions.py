@@ -7,7 +7,8 @@ import torch
 
 from extraction.capture import forward_last, run_with_capture
 from extraction.extractor import extract
-from heads.errors import HeadsError
+from extraction.errors import InterventionError
+from extraction.interventions import HeadAblation, Injection
 from heads.interventions import ablate, inject
 
 TEXTS = ["the film was a delight Sentiment :", "dull and far too long Sentiment :", "great"]
@@ -119,29 +120,29 @@ def test_hooks_are_removed_even_when_the_block_raises(tiny_gemma):
     (["x"], "pair of ints"),
 ])
 def test_bad_head_sets_are_clear_errors(tiny_gemma, heads, message):
-    with pytest.raises(HeadsError, match=message):
+    with pytest.raises(InterventionError, match=message):
         with ablate(tiny_gemma, heads):
             pass
 
 
 def test_bad_modes_and_means(tiny_gemma):
-    with pytest.raises(HeadsError, match="unknown ablation mode 'half'"):
+    with pytest.raises(InterventionError, match="unknown ablation mode 'half'"):
         with ablate(tiny_gemma, [(0, 0)], mode="half"):
             pass
-    with pytest.raises(HeadsError, match="needs means of shape"):
+    with pytest.raises(InterventionError, match="needs means of shape"):
         with ablate(tiny_gemma, [(0, 0)], mode="mean"):
             pass
 
 
 def test_bad_injections(tiny_gemma):
     hidden = tiny_gemma.arch.hidden_size
-    with pytest.raises(HeadsError, match="layer 5 is out of range: residual states are 0..4"):
+    with pytest.raises(InterventionError, match="layer 5 is out of range: residual states are 0..4"):
         with inject(tiny_gemma, torch.zeros(hidden), 5):
             pass
-    with pytest.raises(HeadsError, match=r"shape \(3,\); the residual stream needs \(64,\)"):
+    with pytest.raises(InterventionError, match=r"shape \(3,\); the residual stream needs \(64,\)"):
         with inject(tiny_gemma, torch.zeros(3), 1):
             pass
-    with pytest.raises(HeadsError, match="position must be"):
+    with pytest.raises(InterventionError, match="position must be"):
         with inject(tiny_gemma, torch.zeros(hidden), 1, position="first"):
             pass
 
@@ -162,13 +163,14 @@ def test_injected_group_differs_from_clean_by_the_vector_at_that_state_only(tiny
     store = tmp_path / "s.zarr"
     vector = torch.randn(arch.hidden_size, generator=torch.Generator().manual_seed(1))
     clean = extract(tiny_gemma, store, shots=0, n=6, progress=False)
-    with inject(tiny_gemma, vector, 2) as info:
-        injected = extract(tiny_gemma, store, shots=0, n=6, setting="inject", intervention=info, progress=False)
+    injected = extract(tiny_gemma, store, shots=0, n=6, setting="inject", intervention=Injection(vector, 2),
+                       progress=False)
     difference = injected["hidden"].values - clean["hidden"].values
     np.testing.assert_allclose(difference[:, :2], 0, atol=1e-6)
     np.testing.assert_allclose(difference[:, 2], np.broadcast_to(vector.numpy(), difference[:, 2].shape), atol=1e-5)
     assert np.abs(difference[:, 3:]).max() > 1e-3
-    assert injected.attrs["intervention"]["kind"] == "inject" and injected.attrs["intervention"]["layer"] == 2
+    record = injected.attrs["intervention"][0]
+    assert record["kind"] == "injection" and record["layer"] == 2
 
 
 def test_injection_at_state_zero_and_at_a_fixed_position(tiny_gemma):
@@ -192,4 +194,26 @@ def test_ablation_works_on_a_bare_hugging_face_model(tiny_models):
     with ablate(loaded.model, [(0, 0)]) as info:
         got = forward_last(loaded.model, ids, mask)
     torch.testing.assert_close(got, expected)
-    assert info == {"kind": "ablate", "mode": "zero", "heads": [[0, 0]]}
+    assert info == HeadAblation([(0, 0)]).describe() == {"kind": "head_ablation", "heads": [[0, 0]], "mode": "zero",
+                                                        "data": {}, "origin": None}
+
+
+def test_objects_are_exported_from_heads_and_refuse_mistakes_early():
+    import heads
+
+    assert heads.HeadAblation is HeadAblation and heads.Injection is Injection
+    with pytest.raises(InterventionError, match="means are used only by mode='mean'"):
+        HeadAblation([(0, 0)], means=torch.zeros(4, 4, 24))
+    with pytest.raises(InterventionError, match="origin must be a JSON-ready dict"):
+        HeadAblation([(0, 0)], origin={"vector": torch.zeros(2)})
+    with pytest.raises(InterventionError, match="injection layer must be an int"):
+        Injection(torch.zeros(3), 1.5)
+
+
+def test_an_injection_keeps_its_own_copy_of_the_vector(tiny_gemma):
+    vector = torch.ones(tiny_gemma.arch.hidden_size)
+    injection = Injection(vector, 1, origin={"vector": "ones"})
+    record = injection.describe()
+    vector.zero_()
+    assert injection.describe() == record and record["vector_norm"] == pytest.approx(8.0)
+    assert record["origin"] == {"vector": "ones"} and record["data"]["vector"]["shape"] == [64]

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from extraction.extractor import accuracy, extract
-from heads.interventions import ablate
+from extraction.interventions import HeadAblation
 from heads.scores import score
 from heads.selection import layer_placement, random_heads, select_sets
 
@@ -41,9 +41,9 @@ def test_ablating_induction_heads_hurts_more_than_random_heads(real_model, real_
     store, common = tmp_path / "real.zarr", dict(task="sentiment", shots=8, n=64, seed=0, progress=False)
     rows = {"normal": accuracy(extract(real_model, store, **common))}
     for name in ("ih", "random"):
-        with ablate(real_model, sets[name]) as info:
-            rows[f"without {name}"] = accuracy(extract(real_model, store, setting=f"ablate_{name}",
-                                                       intervention=info, **common))
+        ablation = HeadAblation(sets[name], origin={"set": name})
+        rows[f"without {name}"] = accuracy(extract(real_model, store, setting=f"ablate_{name}",
+                                                   intervention=ablation, **common))
     table = pd.DataFrame(rows).T
     print(f"\nsets: {sets}\nplacement: {placement}\n8-shot sentiment, n=64:\n{table}")
     assert rows["without ih"]["accuracy"] < rows["without random"]["accuracy"] - 0.2

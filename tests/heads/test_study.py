@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from extraction.errors import InterventionError
 from extraction.store import list_groups, open_group
 from heads import pipeline
 from heads.errors import HeadsError
@@ -26,10 +27,12 @@ def test_study_writes_every_group_and_reruns_for_free(tiny_gemma, tmp_path, monk
     assert len(sets["pth"]) == len(sets["ih"]) == len(sets["random"]) == 2  # 10% of 16 heads
     assert not set(sets["random"]) & (set(sets["pth"]) | set(sets["ih"]))
     assert result.placement.mean_a == np.mean([l for l, _ in sets["ih"]])
-    ablated = open_group(store, "ablate_ih").attrs["intervention"]
-    assert ablated["heads"] == [list(h) for h in sets["ih"]] and ablated["set"] == "ih"
-    injected = open_group(store, "inject_ih").attrs["intervention"]
-    assert injected["layer"] == 2 and injected["kind"] == "inject"  # round(3 * 4 / 8) = 2 (half up)
+    [ablated] = open_group(store, "ablate_ih").attrs["intervention"]
+    assert ablated["heads"] == [list(h) for h in sets["ih"]] and ablated["origin"]["set"] == "ih"
+    [injected] = open_group(store, "inject_ih").attrs["intervention"]
+    assert injected["layer"] == 2 and injected["kind"] == "injection"  # round(3 * 4 / 8) = 2 (half up)
+    assert injected["origin"]["heads"] == [list(h) for h in sets["ih"]] and "intervention0_vector" in open_group(
+        store, "inject_ih")
     assert result.changes is None
     # a re-run reuses everything: no forward pass at all
     monkeypatch.setattr(pipeline, "task_vector", lambda *a, **k: pytest.fail("task vector recomputed"))
@@ -62,13 +65,16 @@ def test_study_with_measures_and_figures(tiny_gemma, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
 
 
-def test_mean_ablation_study_and_argument_errors(tiny_gemma, tmp_path):
+def test_mean_ablation_study_and_argument_errors(tiny_gemma, tmp_path, monkeypatch):
     result = study(tiny_gemma, tmp_path / "s.zarr", mode="mean", measures=False, **STUDY)
-    assert open_group(tmp_path / "s.zarr", "ablate_pth").attrs["intervention"]["mode"] == "mean"
+    monkeypatch.setattr(pipeline, "head_means", lambda *a, **k: pytest.fail("head means recomputed"))
+    study(tiny_gemma, tmp_path / "s.zarr", mode="mean", measures=False, **STUDY)  # re-uses the stored means
+    [record] = open_group(tmp_path / "s.zarr", "ablate_pth").attrs["intervention"]
+    assert record["mode"] == "mean" and "means" in record["data"]
     assert result.accuracy.loc["without PTH", "n"] == 10
     with pytest.raises(HeadsError, match="unknown group role"):
         study(tiny_gemma, tmp_path / "t.zarr", groups={"baseline": "x"}, **STUDY)
-    with pytest.raises(HeadsError, match="injection layer 9 is out of range"):
+    with pytest.raises(InterventionError, match="injection layer 9 is out of range"):
         study(tiny_gemma, tmp_path / "t.zarr", pth_layer=9, **STUDY)
     with pytest.raises(HeadsError, match="unknown ablation mode"):
         study(tiny_gemma, tmp_path / "t.zarr", mode="half", **STUDY)
