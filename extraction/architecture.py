@@ -76,13 +76,6 @@ class Architecture:
         """Number of residual-stream states per position: the embedding output plus one per block."""
         return self.n_layers + 1
 
-    def check_head(self, layer: int, head: int) -> None:
-        """Raise a clear error when (layer, head) is outside the model."""
-        if not 0 <= layer < self.n_layers:
-            raise ArchitectureError(f"layer {layer} is out of range: the model has layers 0..{self.n_layers - 1}")
-        if not 0 <= head < self.n_heads:
-            raise ArchitectureError(f"head {head} is out of range: each layer has heads 0..{self.n_heads - 1}")
-
 
 def _config_value(config, keys: tuple[str, ...], what: str, required: bool = True):
     for key in keys:

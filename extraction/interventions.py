@@ -50,6 +50,7 @@ from torch import nn
 from extraction.architecture import Architecture, discover_architecture
 from extraction.errors import InterventionError
 
+#: A head as (block, head): block index 0..L-1, query-head index within the block.
 Head = tuple[int, int]
 MODES = ("zero", "mean")
 STATE_CONVENTION = "state 0 = embedding output, state l = output of block l-1"
@@ -228,26 +229,26 @@ def recorded_interventions(dataset: Any) -> list[Intervention]:
 
 
 def _head_pairs(heads: Sequence[Head]) -> list[Head]:
-    """Heads as de-duplicated (layer, head) int tuples in the given order, or an InterventionError."""
+    """Heads as de-duplicated (block, head) int tuples in the given order, or an InterventionError."""
     if heads is None or len(heads) == 0:
-        raise InterventionError("the head set is empty; give at least one (layer, head)")
+        raise InterventionError("the head set is empty; give at least one (block, head)")
     pairs = []
     for item in heads:
         try:
             layer, head = (int(i) for i in item)
         except (TypeError, ValueError):
-            raise InterventionError(f"a head is a (layer, head) pair of ints, not {item!r}") from None
+            raise InterventionError(f"a head is a (block, head) pair of ints, not {item!r}") from None
         if (layer, head) not in pairs:
             pairs.append((layer, head))
     return pairs
 
 
 def check_heads(arch: Architecture, heads: Sequence[Head]) -> list[Head]:
-    """Validated, de-duplicated heads as (layer, head) int tuples, or an InterventionError saying which is wrong."""
+    """Validated, de-duplicated heads as (block, head) int tuples, or an InterventionError saying which is wrong."""
     pairs = _head_pairs(heads)
     for layer, head in pairs:
         if not 0 <= layer < arch.n_layers:
-            raise InterventionError(f"head {(layer, head)}: layer {layer} is out of range 0..{arch.n_layers - 1}")
+            raise InterventionError(f"head {(layer, head)}: block {layer} is out of range 0..{arch.n_layers - 1}")
         if not 0 <= head < arch.n_heads:
             raise InterventionError(f"head {(layer, head)}: head {head} is out of range 0..{arch.n_heads - 1}")
     return pairs

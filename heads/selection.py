@@ -14,9 +14,9 @@ import numpy as np
 import xarray as xr
 from scipy.stats import mannwhitneyu
 
+from extraction.interventions import Head
 from heads.errors import HeadsError
 
-Head = tuple[int, int]
 OVERLAP = ("keep", "pth", "ih")
 
 

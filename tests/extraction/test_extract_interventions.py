@@ -155,7 +155,7 @@ def test_extract_inside_a_user_context_is_refused(tiny_gemma, tmp_path):
 
 def test_interventions_are_checked_against_the_model_before_anything_is_written(tiny_gemma, tmp_path):
     store = tmp_path / "s.zarr"
-    with pytest.raises(InterventionError, match="layer 9 is out of range 0..3"):
+    with pytest.raises(InterventionError, match="block 9 is out of range 0..3"):
         extract(tiny_gemma, store, setting="bad", intervention=HeadAblation([(9, 0)]), **COMMON)
     with pytest.raises(InterventionError, match=r"the residual stream needs \(64,\)"):
         extract(tiny_gemma, store, setting="bad", intervention=[HeadAblation([(0, 0)]), Injection(torch.ones(3), 1)],

@@ -94,4 +94,4 @@ def test_user_mistakes_are_one_line_errors(tiny_gemma_dir, tmp_path, capsys):
     code = main(["heads", "ablate", str(tmp_path / "s.zarr"), "--model", str(tiny_gemma_dir), "--set", "9.9"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "layer 9 is out of range" in err and "Traceback" not in err
+    assert "block 9 is out of range" in err and "Traceback" not in err

@@ -114,9 +114,9 @@ def test_hooks_are_removed_even_when_the_block_raises(tiny_gemma):
 
 @pytest.mark.parametrize("heads, message", [
     ([], "empty"),
-    ([(4, 0)], "layer 4 is out of range 0..3"),
+    ([(4, 0)], "block 4 is out of range 0..3"),
     ([(0, 4)], "head 4 is out of range 0..3"),
-    ([(-1, 0)], "layer -1 is out of range"),
+    ([(-1, 0)], "block -1 is out of range"),
     (["x"], "pair of ints"),
 ])
 def test_bad_head_sets_are_clear_errors(tiny_gemma, heads, message):
