@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ICLGeometryError(ValueError):
     """Base class of every user-facing error raised by the toolkit."""
@@ -29,3 +31,12 @@ class PromptError(ICLGeometryError):
 
 class StoreError(ICLGeometryError):
     """A store or group is missing, malformed, or holds a different configuration."""
+
+
+class GroupClashError(StoreError):
+    """A store group exists but was written with another configuration; ``path``, ``group`` and ``changed`` (the
+    differing keys) let a caller replace it or name its own way to do so."""
+
+    def __init__(self, message: str, *, path: Any, group: str, changed: list[str] | None = None):
+        super().__init__(message)
+        self.path, self.group, self.changed = path, group, list(changed or [])

@@ -24,6 +24,12 @@ variable               dims                       meaning
 ``label_token``        class                      token id of each label word (coordinate ``class`` = words)
 =====================  =========================  ==============================================================
 
+The root holds consolidated metadata (Zarr's ``zarr.json`` of the root lists every group's arrays and attrs), so
+``xarray.open_zarr(path, group=name)`` opens a group with one read and no warning. It is refreshed after every
+change of metadata this package makes (a group created, completed, replaced, or its attrs updated); the package
+itself always reads the per-node metadata (``use_consolidated=False``), so a stale copy written by another tool
+never misleads it. Chunk writes do not touch metadata, so an interrupted run resumes as before.
+
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``intervention`` (None for plain runs), ``n_layers``, ``task``, ``shots``.
@@ -33,6 +39,7 @@ Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +47,25 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from extraction.errors import StoreError
+from extraction.errors import GroupClashError, StoreError
 
 EXAMPLE_CHUNK = 512
+
+
+def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group from the per-node metadata (never the consolidated copy, which may be stale)."""
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def consolidate(path: str | Path) -> None:
+    """Write the root's consolidated metadata (the whole store's metadata in one place) for ``xarray.open_zarr``.
+
+    Zarr warns that consolidated metadata is not yet part of the v3 specification; xarray reads it regardless,
+    so the warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(str(path))
 
 
 def list_groups(path: str | Path) -> list[str]:
@@ -50,8 +73,13 @@ def list_groups(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
-    root = zarr.open_group(str(path), mode="r")
-    return sorted(name for name, _ in root.groups())
+    return sorted(name for name, _ in open_root(path).groups())
+
+
+def delete_group(path: str | Path, group: str) -> None:
+    """Remove one group from a store (e.g. one written with another configuration that is to be redone)."""
+    del open_root(path, mode="a")[group]
+    consolidate(path)
 
 
 def open_group(path: str | Path, group: str) -> xr.Dataset:
@@ -78,19 +106,20 @@ class GroupWriter:
 
     def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, overwrite: bool = False):
         self.path, self.group, self.config = Path(path), group, config
-        self.root = zarr.open_group(str(self.path), mode="a")
+        self.root = open_root(self.path, mode="a")
         self.node: zarr.Group | None = None
         if group in self.root:
             existing = self.root[group]
             if overwrite:
                 del self.root[group]
+                consolidate(self.path)
             elif _canonical(existing.attrs.get("config", {})) != _canonical(config):
                 old = existing.attrs.get("config", {})
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise StoreError(
+                raise GroupClashError(
                     f"group {group!r} in {self.path} was written with a different configuration "
                     f"(differs in: {', '.join(changed)}); choose another --setting name or pass overwrite=True "
-                    "(--overwrite) to replace it"
+                    "(--overwrite) to replace it", path=self.path, group=group, changed=changed,
                 )
             else:
                 self.node = existing
@@ -120,6 +149,7 @@ class GroupWriter:
             array[...] = values
         node.attrs.update({**attrs, "config": self.config})
         self.node = node
+        consolidate(self.path)
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Write one batch at example positions ``index`` (sorted, contiguous or not), then mark it done."""
@@ -127,6 +157,9 @@ class GroupWriter:
             array = self.node[name]
             array.set_orthogonal_selection((index,) + (slice(None),) * (array.ndim - 1), np.asarray(value))
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
+        if len(self.pending()) == 0:
+            consolidate(self.path)
 
     def set_attrs(self, **attrs: Any) -> None:
         self.node.attrs.update(attrs)
+        consolidate(self.path)

@@ -76,10 +76,8 @@ def decode_store_directions(loaded: Any, store: str | Path, group: str, layers: 
     final norm's gain and centring as ``extraction`` fits them, then the whole vocabulary), written to the group's
     attrs under ``semantic_decoding`` as ``{"k_directions", "top_tokens", "lens", "layers": {layer: [...]}}``;
     returns that dict."""
-    import zarr
-
     from extraction.architecture import final_norm_form
-    from extraction.store import open_group
+    from extraction.store import consolidate, open_group, open_root
 
     ds = open_group(store, group)
     chosen = check_layers(ds["layer"].values, layers)
@@ -94,5 +92,6 @@ def decode_store_directions(loaded: Any, store: str | Path, group: str, layers: 
             for layer in chosen
         },
     }
-    zarr.open_group(str(store), mode="a")[group].attrs[ATTR] = result
+    open_root(store, mode="a")[group].attrs[ATTR] = result
+    consolidate(store)
     return result

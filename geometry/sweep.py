@@ -269,12 +269,10 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
 
 def measured_groups(store: str | Path) -> list[str]:
     """The groups of a store that hold hidden states (the ones a sweep can measure)."""
-    import zarr
-
-    from extraction.store import list_groups
+    from extraction.store import list_groups, open_root
 
     names = list_groups(store)
-    root = zarr.open_group(str(store), mode="r")
+    root = open_root(store)
     return [name for name in names if "hidden" in root[name]]
 
 
