@@ -123,7 +123,7 @@ class Study:
         settings, store = self.config.geometry, self.store(task)
         results = geometry.measure_groups(store, self.groups(task), n_boot=settings.n_boot, seed=settings.seed,
                                           n_boot_separability=settings.n_boot_separability, rank=settings.rank,
-                                          progress=self.progress)
+                                          normalize_variance=settings.normalize_variance, progress=self.progress)
         self._write_part("measures", task, tidy(list(results.values())))
         transitions = [geometry.transition(result, min_rise=settings.min_rise).to_dict() for result in results.values()]
         self._write_part("transitions", task, pd.DataFrame(transitions).rename(columns={"layer": "transition_layer"}))
