@@ -40,16 +40,36 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from extraction.errors import GroupClashError, StoreError
+from extraction.errors import GroupClashError, ICLGeometryError, StoreError
 
 EXAMPLE_CHUNK = 512
+#: What zarr, its codecs and the JSON parser raise on a damaged or foreign store (zarr's own errors are ValueErrors).
+#: zarr's warning about a node whose metadata is missing or unreadable counts as damage too.
+READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, zarr.errors.ZarrUserWarning)
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn a failure to read the store at ``path`` (missing or garbled metadata or chunks, not a Zarr store)
+    into a :class:`StoreError` that says what to do; the project's own errors pass through unchanged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", zarr.errors.ZarrUserWarning)
+            yield
+    except ICLGeometryError:
+        raise
+    except READ_ERRORS as error:
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise StoreError(f"{path} is not a readable icl-geometry store ({type(error).__name__}: {detail}); check "
+                         "the path, or re-create the store (or the damaged group) with icl-geometry extract") from error
 
 
 def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
@@ -73,7 +93,8 @@ def list_groups(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
-    return sorted(name for name, _ in open_root(path).groups())
+    with reading(path):
+        return sorted(name for name, _ in open_root(path).groups())
 
 
 def delete_group(path: str | Path, group: str) -> None:
@@ -87,8 +108,10 @@ def open_group(path: str | Path, group: str) -> xr.Dataset:
     groups = list_groups(path)
     if group not in groups:
         raise StoreError(f"store {path} has no group {group!r}; it has {', '.join(groups) or 'no groups'}")
-    dataset = xr.open_zarr(str(path), group=group, consolidated=False)
-    if "done" in dataset and not bool(dataset["done"].all()):
+    with reading(path):
+        dataset = xr.open_zarr(str(path), group=group, consolidated=False)
+        complete = "done" not in dataset or bool(dataset["done"].all())
+    if not complete:
         missing = int((~dataset["done"]).sum())
         raise StoreError(f"group {group!r} of {path} is incomplete ({missing} examples not written); re-run to resume")
     return dataset

@@ -38,6 +38,7 @@ import pandas as pd
 import xarray as xr
 from tqdm.auto import tqdm
 
+from extraction.store import reading
 from geometry import kernels
 from geometry.bootstrap import percentile_interval, resample_counts
 from geometry.errors import MeasureError
@@ -265,14 +266,16 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
     ds, name, source = _open(store, group)
     chosen = check_layers(ds["layer"].values, layers)
     lens = _lens(ds, settings, explicit=measures is not None, where=f"group {name!r} of {source}")
-    arrays = _group_arrays(ds, settings, lens)
+    with reading(source):
+        arrays = _group_arrays(ds, settings, lens)
     mode = resolve_parallel(parallel)
     log.info("measuring %s (%d layers, %d examples, %d resamples, %s)", name, len(chosen), len(arrays.labels),
              settings.n_boot, mode)
 
     def one_layer(layer: int) -> np.ndarray:
-        H = ds["hidden"].sel(layer=layer).values
-        top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
+        with reading(source):
+            H = ds["hidden"].sel(layer=layer).values
+            top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
         return _summarise(layer_samples(H, top, arrays, settings), settings.measures)
 
     with probe_fitting(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
@@ -299,8 +302,9 @@ def measured_groups(store: str | Path) -> list[str]:
     from extraction.store import list_groups, open_root
 
     names = list_groups(store)
-    root = open_root(store)
-    return [name for name in names if "hidden" in root[name]]
+    with reading(store):
+        root = open_root(store)
+        return [name for name in names if "hidden" in root[name]]
 
 
 def measure_groups(store: str | Path, groups: Sequence[str] | None = None,

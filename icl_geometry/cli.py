@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ICLGeometryError as error:
-        print(f"icl-geometry: error: {error}", file=sys.stderr)
+        print(f"icl-geometry: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("icl-geometry: interrupted; re-run the same command to resume", file=sys.stderr)
