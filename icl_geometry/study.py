@@ -207,6 +207,24 @@ class Study:
         stages.append(Stage("report", 2, self._report))
         return stages
 
+    def check_data(self) -> None:
+        """Refuse, before any stage runs, prompts the tasks' pools cannot give: ``[data] n`` (and ``[heads] n_score``)
+        may go up to each task's query pool, every k must fit its demonstration pool."""
+        from extraction.prompts import PromptConfig, build_prompts
+        from extraction.tasks import load_task
+
+        data, heads = self.config.data, self.config.heads
+        wanted = {"[data] n": data.n, **({"[heads] n_score": heads.n_score} if heads.enabled else {})}
+        for name in data.tasks:
+            task = load_task(name)
+            pool = len(task.test)
+            for key, value in wanted.items():
+                if value > pool:
+                    raise ConfigError(f"{key} = {value} is more than the {pool} queries in the query pool of task "
+                                      f"{task_label(name)!r}; set it to at most {pool}")
+            for k in sorted({0, *self.config.k_values}):
+                build_prompts(task, PromptConfig(shots=k, n=data.n, seed=data.seed, **self.prompt_options()))
+
     def _replacing_clashes(self, run: Callable[[], None]) -> Callable[[], None]:
         """``run`` where a store group written with another configuration is replaced when the study restarts
         (``--restart``), and otherwise refused with a message naming that flag."""
@@ -236,6 +254,8 @@ class Study:
         (self.folder / "config.toml").write_text(dump_toml(self.config))
         (self.folder / "tables").mkdir(exist_ok=True)
         started = time.perf_counter()
+        if any(stage.name not in self.manifest.done for stage in self.stages()):
+            self.check_data()
         stages = [dataclasses.replace(stage, run=self._replacing_clashes(stage.run)) for stage in self.stages()]
         run_stages(stages, self.manifest, progress=self.progress)
         log.info("study finished in %.0f s", time.perf_counter() - started)
