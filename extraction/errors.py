@@ -34,9 +34,11 @@ class StoreError(ICLGeometryError):
 
 
 class GroupClashError(StoreError):
-    """A store group exists but was written with another configuration; ``path``, ``group`` and ``changed`` (the
-    differing keys) let a caller replace it or name its own way to do so."""
+    """A store group exists but was written with another configuration. ``problem`` says what clashes and
+    ``remedy`` what to do (for the Python API); ``path``, ``group`` and ``changed`` (the differing keys) let a
+    caller replace the group or name its own way to do so (the CLI names its flag, the study its ``--restart``)."""
 
-    def __init__(self, message: str, *, path: Any, group: str, changed: list[str] | None = None):
-        super().__init__(message)
-        self.path, self.group, self.changed = path, group, list(changed or [])
+    def __init__(self, problem: str, *, path: Any, group: str, changed: list[str] | None = None,
+                 remedy: str = "pass overwrite=True to replace it"):
+        super().__init__(f"{problem}; {remedy}")
+        self.problem, self.path, self.group, self.changed = problem, path, group, list(changed or [])

@@ -141,8 +141,8 @@ class GroupWriter:
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 raise GroupClashError(
                     f"group {group!r} in {self.path} was written with a different configuration "
-                    f"(differs in: {', '.join(changed)}); choose another --setting name or pass overwrite=True "
-                    "(--overwrite) to replace it", path=self.path, group=group, changed=changed,
+                    f"(differs in: {', '.join(changed)})", path=self.path, group=group, changed=changed,
+                    remedy="choose another setting name or pass overwrite=True to replace it",
                 )
             else:
                 self.node = existing

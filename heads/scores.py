@@ -208,8 +208,8 @@ def score(
             log.info("re-using head scores from %s", store)
             return saved
         raise ScoresClashError(f"store {store} holds head scores computed with another configuration "
-                               f"({saved.attrs.get('config')}); pass overwrite=True (heads score: "
-                               "--overwrite-scores) to replace them", path=store, group=GROUP)
+                               f"({saved.attrs.get('config')})", path=store, group=GROUP,
+                               remedy="pass overwrite=True to replace them")
     pth, ih, zero_config, few_config = _prompt_scores(loaded, prompt_options, shots, n, seed, batch_size, task, progress)
     detectors = _detector_scores(loaded, n_random, repeat, seed, batch_size)
     arch = loaded.arch

@@ -4,6 +4,7 @@ plain line on stderr that says what to do, never a traceback."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,17 @@ def store(tiny_gemma, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def scored_store(tiny_gemma, store, tmp_path_factory) -> Path:
+    """The store with head scores of 4 prompts."""
+    from heads.scores import score
+
+    path = tmp_path_factory.mktemp("scored") / "s.zarr"
+    shutil.copytree(store, path)
+    score(tiny_gemma, shots=2, n=4, n_random=2, repeat=5, store=path, progress=False)
+    return path
+
+
 def _write(folder: Path, name: str, content: str | bytes) -> str:
     path = folder / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -37,7 +49,7 @@ def _rows(labels: list[str]) -> str:
     return "text,label\n" + "".join(f"example number {i},{label}\n" for i, label in enumerate(labels))
 
 
-def _case(name: str, tmp: Path, model: str, store: Path) -> list[str]:
+def _case(name: str, tmp: Path, model: str, store: Path, scored: Path | None = None) -> list[str]:
     """The arguments of one mistake; files it needs are written into ``tmp``."""
     extract = ["extract", "--model", model, "--out", str(tmp / "out.zarr")]
     if name == "unknown task":
@@ -95,6 +107,15 @@ def _case(name: str, tmp: Path, model: str, store: Path) -> list[str]:
         copy = tmp / "clash.zarr"
         shutil.copytree(store, copy)
         return ["extract", "--model", model, "--out", str(copy), "--shots", "2", "--n", "5"]
+    if name == "head scores of another configuration":
+        copy = tmp / "scored.zarr"
+        shutil.copytree(scored, copy)
+        return ["heads", "score", str(copy), "--model", model, "--shots", "2", "--n", "5"]
+    if name == "head scores of another configuration, under ablate":
+        copy = tmp / "scored.zarr"
+        shutil.copytree(scored, copy)
+        return ["heads", "ablate", str(copy), "--model", model, "--shots", "2", "--n", "3", "--n-score", "5",
+                "--set", "ih"]
     if name.startswith("corrupted store"):
         copy = tmp / "bad.zarr"
         shutil.copytree(store, copy)
@@ -121,7 +142,8 @@ CASES = [
     "template without {label}", "multi-token label word", "miscounted label words", "missing model path",
     "folder that is not a model", "prompt longer than the context", "path that is not a store",
     "store that does not exist", "missing group", "head out of range", "broken config file", "unknown config key",
-    "missing config file", "configuration clash in a group", "corrupted store: group metadata deleted",
+    "missing config file", "configuration clash in a group", "head scores of another configuration",
+    "head scores of another configuration, under ablate", "corrupted store: group metadata deleted",
     "corrupted store: group metadata garbled", "corrupted store: root metadata garbled",
     "corrupted store: chunk garbled", "corrupted store: array metadata garbled",
 ]
@@ -136,8 +158,8 @@ def _one_plain_line(err: str) -> str:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_mistake_gives_exit_code_2_and_one_plain_line(name, tiny_gemma_dir, store, tmp_path, capsys):
-    args = _case(name, tmp_path, str(tiny_gemma_dir), store)
+def test_mistake_gives_exit_code_2_and_one_plain_line(name, tiny_gemma_dir, store, scored_store, tmp_path, capsys):
+    args = _case(name, tmp_path, str(tiny_gemma_dir), store, scored_store)
     capsys.readouterr()
     with warnings.catch_warnings(record=True) as caught:  # a warning would print lines of its own on stderr
         warnings.simplefilter("always")
@@ -146,6 +168,14 @@ def test_mistake_gives_exit_code_2_and_one_plain_line(name, tiny_gemma_dir, stor
     assert not shown, [str(w.message) for w in shown]
     line = _one_plain_line(capsys.readouterr().err)
     assert len(line) > len("icl-geometry: error: ") + 20
+    flags = re.findall(r"(?<![\w-])--[a-z][a-z-]*", line)
+    if flags:  # every flag the message names exists in the command it names, or in the one that failed
+        named = re.search(r"`icl-geometry ([a-z]+(?: [a-z]+)?)", line)
+        command = named.group(1).split() if named else args[:2] if args[0] == "heads" else args[:1]
+        with pytest.raises(SystemExit):
+            main([*command, "--help"])
+        help_text = capsys.readouterr().out
+        assert all(flag in help_text for flag in flags), (flags, command)
 
 
 @pytest.mark.parametrize("name", ["unknown task", "corrupted store: group metadata deleted", "unknown config key"])
