@@ -124,7 +124,7 @@ def _lens(ds: xr.Dataset, settings: SweepSettings, explicit: bool, where: str) -
     return store_lens(ds, where)
 
 
-def _group_arrays(ds: xr.Dataset, settings: SweepSettings, lens: StoreLens | None) -> GroupArrays:
+def _group_arrays(ds: xr.Dataset, settings: SweepSettings, explicit: bool, where: str) -> GroupArrays:
     needed = {"hidden", "label"} | {v for m in settings.measures for v in NEEDS.get(m, ())}
     if ALIGNMENT & set(settings.measures):
         needed.add(settings.unembedding)
@@ -135,6 +135,7 @@ def _group_arrays(ds: xr.Dataset, settings: SweepSettings, lens: StoreLens | Non
     labels = check_labels(ds["label"].values, ds.sizes["example"])
     ones = kernels.unit_weights(len(labels))
     resamples = resample_counts(labels, settings.n_boot, np.random.default_rng(settings.seed))
+    lens = _lens(ds, settings, explicit, where)
     return GroupArrays(labels, ds[settings.unembedding].values if settings.unembedding in ds else None, lens,
                        ds["label_token"].values if "label_token" in ds else None, np.vstack([ones, resamples]))
 
@@ -265,9 +266,8 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
                          unembedding, normalize_variance)
     ds, name, source = _open(store, group)
     chosen = check_layers(ds["layer"].values, layers)
-    lens = _lens(ds, settings, explicit=measures is not None, where=f"group {name!r} of {source}")
     with reading(source):
-        arrays = _group_arrays(ds, settings, lens)
+        arrays = _group_arrays(ds, settings, explicit=measures is not None, where=f"group {name!r} of {source}")
     mode = resolve_parallel(parallel)
     log.info("measuring %s (%d layers, %d examples, %d resamples, %s)", name, len(chosen), len(arrays.labels),
              settings.n_boot, mode)
@@ -280,7 +280,7 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
 
     with probe_fitting(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
         tables = np.stack(map_layers(one_layer, chosen, mode, bar))
-    skipped = "denoising_gain" in settings.measures and lens is None
+    skipped = "denoising_gain" in settings.measures and arrays.lens is None
     record = {key: "none" if value is None else value for key, value in asdict(settings).items()}
     attrs = {
         "group": name, "store": source, **record, "measures": list(settings.measures), "layers": chosen,
