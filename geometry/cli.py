@@ -21,8 +21,8 @@ states). Values come with 95% stratified-bootstrap CIs (separability: 50 resampl
 The table printed is the value per layer; the CSV (columns group, layer, measure, value, ci_low, ci_high,
 normalize_variance) also holds the CIs and the group's accuracy and label_accuracy. Variance alignment is the
 share of the pair's variance along d; --raw-variance gives [Y]'s appendix form d^T (H^T H / n) d on the centred
-states instead (and composite alignment built on it); the CSV's normalize_variance column says which. The transition is the layer after the separability
-plateau where composite alignment rises most steeply.
+states instead (and composite alignment built on it); the CSV's normalize_variance column says which. The
+transition is the layer after the separability plateau where composite alignment rises most steeply.
 """
 
 PLOT_EXAMPLES = """

@@ -28,7 +28,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from geometry import kernels, measures
 from geometry.errors import MeasureError
-from geometry.lens import fit_subspace
+from geometry.lens import Subspace, fit_subspace
 from geometry.validation import check_fraction, check_int, check_labels, check_states, label_pairs, to_numpy
 
 ALIGNMENT_KINDS = ("singular", "variance", "mean", "composite")
@@ -175,7 +175,7 @@ class DenoisingGain(_Measure):
         if self.lens_bias is not None and to_numpy(self.lens_bias).shape != (len(to_numpy(self.lens_unembed)),):
             raise MeasureError("lens_bias must have one entry per row of lens_unembed")
 
-    def _hits(self, H: np.ndarray, y: np.ndarray, subspace) -> tuple[np.ndarray, np.ndarray]:
+    def _hits(self, H: np.ndarray, y: np.ndarray, subspace: Subspace) -> tuple[np.ndarray, np.ndarray]:
         return measures.denoising_hits(H, y, self.lens_unembed, self.lens_bias, rank=self.rank, center=self.center,
                                        scale=self.scale, softcap=self.softcap, subspace=subspace)
 

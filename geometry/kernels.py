@@ -78,8 +78,9 @@ def alignment_batch(X: np.ndarray, y: np.ndarray, directions: np.ndarray, pairs:
     """Variance-, mean- and composite alignment, each (B, P): one value per weight row and label pair.
 
     For the pair (A, B) with direction d: variance = dᵀΣd / tr Σ over the pair's examples (Σ their weighted
-    covariance), or dᵀΣd itself when not ``normalize`` ([Y]'s appendix form dᵀ(H̄ᵀH̄/n)d); mean = dᵀ(μ_A - μ_B) / sqrt((n_A Var_A + n_B Var_B) / (n_A + n_B)) with population variances of
-    dᵀh, positive when class A lies further along d = U_A - U_B than class B; composite = variance x mean.
+    covariance), or dᵀΣd itself when not ``normalize`` ([Y]'s appendix form dᵀ(H̄ᵀH̄/n)d); mean = dᵀ(μ_A - μ_B) /
+    sqrt((n_A Var_A + n_B Var_B) / (n_A + n_B)) with population variances of dᵀh, positive when class A lies
+    further along d = U_A - U_B than class B; composite = variance x mean.
     """
     classes = sorted({c for pair in pairs for c in pair})
     position = {c: i for i, c in enumerate(classes)}

@@ -3,10 +3,10 @@
 Conventions. ``H`` (n, d) are query hidden states, ``y`` (n,) integer classes 0..m-1, ``U`` (m, d) the label
 words' unembedding rows (row i for class i). Directional measures are computed for every pair (A, B) of the
 classes present in ``y``, A the lower class index, on that pair's examples only, with d = (U_A - U_B) /
-||U_A - U_B||, and averaged over pairs (the composite averages per-pair products). Variance alignment is a
-proportion of variance by default; ``normalize=False`` gives [Y]'s appendix form dᵀ(H̄ᵀH̄/n)d instead. Mean alignment is therefore
+||U_A - U_B||, and averaged over pairs (the composite averages per-pair products). Mean alignment is therefore
 positive when class A's states lie further along U_A - U_B than class B's: each class leans towards its own
-label word. Swapping the labels of A and B flips the sign of mean (and composite) alignment only.
+label word. Swapping the labels of A and B flips the sign of mean (and composite) alignment only. Variance
+alignment is a proportion of variance by default; ``normalize=False`` gives [Y]'s appendix form dᵀ(H̄ᵀH̄/n)d.
 Separability (a multinomial probe), effective dimension and the lens measures use all examples at once.
 Degenerate states (all queries identical, e.g. the embedding of the same last token) give NaN: undefined.
 """
