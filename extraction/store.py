@@ -51,7 +51,7 @@ import zarr
 from extraction.errors import GroupClashError, ICLGeometryError, StoreError
 
 EXAMPLE_CHUNK = 512
-#: What zarr, its codecs and the JSON parser raise on a damaged or foreign store (zarr's own errors are ValueErrors).
+#: What zarr, its codecs and the JSON parser raise on a damaged or foreign store (zarr's own errors are ValueErrors);
 #: zarr's warning about a node whose metadata is missing or unreadable counts as damage too.
 READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, zarr.errors.ZarrUserWarning)
 
@@ -129,10 +129,11 @@ class GroupWriter:
 
     def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, overwrite: bool = False):
         self.path, self.group, self.config = Path(path), group, config
-        self.root = open_root(self.path, mode="a")
+        with reading(self.path):
+            self.root = open_root(self.path, mode="a")
+            existing = self.root[group] if group in self.root else None
         self.node: zarr.Group | None = None
-        if group in self.root:
-            existing = self.root[group]
+        if existing is not None:
             if overwrite:
                 del self.root[group]
                 consolidate(self.path)

@@ -123,7 +123,7 @@ def _case(name: str, tmp: Path, model: str, store: Path, scored: Path | None = N
             (copy / "icl" / "zarr.json").unlink()
         elif name == "corrupted store: group metadata garbled":
             (copy / "icl" / "zarr.json").write_text("{ not json")
-        elif name == "corrupted store: root metadata garbled":
+        elif name.startswith("corrupted store: root metadata garbled"):
             (copy / "zarr.json").write_text("]]")
         elif name == "corrupted store: chunk garbled":
             # the labels' chunk: read before any progress bar starts (a bad chunk met mid-sweep gives the same line
@@ -132,6 +132,8 @@ def _case(name: str, tmp: Path, model: str, store: Path, scored: Path | None = N
             chunk.write_bytes(b"garbage" * 10)
         elif name == "corrupted store: array metadata garbled":
             (copy / "icl" / "label" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "array"}))
+        if name == "corrupted store: root metadata garbled, as extract's target":
+            return extract[:-1] + [str(copy)]
         return ["measure", str(copy), "--group", "icl", "--n-boot", "0"]
     raise AssertionError(name)
 
@@ -145,6 +147,7 @@ CASES = [
     "missing config file", "configuration clash in a group", "head scores of another configuration",
     "head scores of another configuration, under ablate", "corrupted store: group metadata deleted",
     "corrupted store: group metadata garbled", "corrupted store: root metadata garbled",
+    "corrupted store: root metadata garbled, as extract's target",
     "corrupted store: chunk garbled", "corrupted store: array metadata garbled",
 ]
 
