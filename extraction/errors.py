@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ICLGeometryError(ValueError):
     """Base class of every user-facing error raised by the toolkit."""
@@ -33,3 +35,14 @@ class StoreError(ICLGeometryError):
 
 class InterventionError(ICLGeometryError):
     """An intervention (head ablation, injection, ...) does not fit the model or is passed in a form that is refused."""
+
+
+class GroupClashError(StoreError):
+    """A store group exists but was written with another configuration. ``problem`` says what clashes and
+    ``remedy`` what to do (for the Python API); ``path``, ``group`` and ``changed`` (the differing keys) let a
+    caller replace the group or name its own way to do so (the CLI names its flag, the study its ``--restart``)."""
+
+    def __init__(self, problem: str, *, path: Any, group: str, changed: list[str] | None = None,
+                 remedy: str = "pass overwrite=True to replace it"):
+        super().__init__(f"{problem}; {remedy}")
+        self.problem, self.path, self.group, self.changed = problem, path, group, list(changed or [])

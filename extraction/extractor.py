@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from extraction.architecture import final_norm_form
 from extraction.capture import LAYER_CONVENTION, run_with_capture
-from extraction.errors import StoreError
+from extraction.errors import PromptError, StoreError
 from extraction.interventions import (Batch, Intervention, as_interventions, intervening, refuse_active,
                                       stored_arrays)
 from extraction.lens import logit_lens
@@ -132,6 +132,7 @@ def extract(
                                  allow_multitoken_labels=allow_multitoken_labels)
     prompts = build_prompts(task_obj, prompt_config)
     tokens = label_token_ids(loaded.tokenizer, prompts)
+    check_context(loaded, prompts)
     setting = setting or default_setting(shots)
     config = {
         **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
@@ -154,9 +155,24 @@ def extract(
     return open_group(out, setting)
 
 
+def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray) -> np.ndarray:
+    """Token lengths of the prompts at ``indices``."""
+    return np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in indices])["input_ids"]])
+
+
+def check_context(loaded: LoadedModel, prompts: PromptSet) -> None:
+    """Refuse a prompt longer than the model's context before anything is written (the batches check it again)."""
+    limit = loaded.arch.max_context
+    lengths = prompt_lengths(loaded, prompts, np.arange(len(prompts.prompts)))
+    if limit is not None and len(lengths) and int(lengths.max()) > limit:
+        worst = int(lengths.argmax())
+        raise PromptError(f"a prompt is {int(lengths[worst])} tokens, longer than the model's context of {limit} "
+                          f"(query index {prompts.prompts[worst].query_index}); use fewer shots or shorter texts")
+
+
 def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """Pending example indices grouped into batches of similar token length (sorted within each batch)."""
-    lengths = np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in pending])["input_ids"]])
+    lengths = prompt_lengths(loaded, prompts, pending)
     order = pending[np.argsort(lengths, kind="stable")]
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 

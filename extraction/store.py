@@ -24,6 +24,12 @@ variable               dims                       meaning
 ``label_token``        class                      token id of each label word (coordinate ``class`` = words)
 =====================  =========================  ==============================================================
 
+The root holds consolidated metadata (Zarr's ``zarr.json`` of the root lists every group's arrays and attrs), so
+``xarray.open_zarr(path, group=name)`` opens a group with one read and no warning. It is refreshed after every
+change of metadata this package makes (a group created, completed, replaced, or its attrs updated); the package
+itself always reads the per-node metadata (``use_consolidated=False``), so a stale copy written by another tool
+never misleads it. Chunk writes do not touch metadata, so an interrupted run resumes as before.
+
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
@@ -37,16 +43,53 @@ Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from extraction.errors import StoreError
+from extraction.errors import GroupClashError, ICLGeometryError, StoreError
 
 EXAMPLE_CHUNK = 512
+#: What zarr, its codecs and the JSON parser raise on a damaged or foreign store (zarr's own errors are ValueErrors);
+#: zarr's warning about a node whose metadata is missing or unreadable counts as damage too.
+READ_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, zarr.errors.ZarrUserWarning)
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Turn a failure to read the store at ``path`` (missing or garbled metadata or chunks, not a Zarr store)
+    into a :class:`StoreError` that says what to do; the project's own errors pass through unchanged."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", zarr.errors.ZarrUserWarning)
+            yield
+    except ICLGeometryError:
+        raise
+    except READ_ERRORS as error:
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise StoreError(f"{path} is not a readable icl-geometry store ({type(error).__name__}: {detail}); check "
+                         "the path, or re-create the store (or the damaged group) with icl-geometry extract") from error
+
+
+def open_root(path: str | Path, mode: str = "r") -> zarr.Group:
+    """The store's root group from the per-node metadata (never the consolidated copy, which may be stale)."""
+    return zarr.open_group(str(path), mode=mode, use_consolidated=False)
+
+
+def consolidate(path: str | Path) -> None:
+    """Write the root's consolidated metadata (the whole store's metadata in one place) for ``xarray.open_zarr``.
+
+    Zarr warns that consolidated metadata is not yet part of the v3 specification; xarray reads it regardless,
+    so the warning is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+        zarr.consolidate_metadata(str(path))
 
 
 def list_groups(path: str | Path) -> list[str]:
@@ -54,8 +97,14 @@ def list_groups(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise StoreError(f"no store at {path}")
-    root = zarr.open_group(str(path), mode="r")
-    return sorted(name for name, _ in root.groups())
+    with reading(path):
+        return sorted(name for name, _ in open_root(path).groups())
+
+
+def delete_group(path: str | Path, group: str) -> None:
+    """Remove one group from a store (e.g. one written with another configuration that is to be redone)."""
+    del open_root(path, mode="a")[group]
+    consolidate(path)
 
 
 def open_group(path: str | Path, group: str) -> xr.Dataset:
@@ -63,8 +112,10 @@ def open_group(path: str | Path, group: str) -> xr.Dataset:
     groups = list_groups(path)
     if group not in groups:
         raise StoreError(f"store {path} has no group {group!r}; it has {', '.join(groups) or 'no groups'}")
-    dataset = xr.open_zarr(str(path), group=group, consolidated=False)
-    if "done" in dataset and not bool(dataset["done"].all()):
+    with reading(path):
+        dataset = xr.open_zarr(str(path), group=group, consolidated=False)
+        complete = "done" not in dataset or bool(dataset["done"].all())
+    if not complete:
         missing = int((~dataset["done"]).sum())
         raise StoreError(f"group {group!r} of {path} is incomplete ({missing} examples not written); re-run to resume")
     return dataset
@@ -82,19 +133,21 @@ class GroupWriter:
 
     def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, overwrite: bool = False):
         self.path, self.group, self.config = Path(path), group, config
-        self.root = zarr.open_group(str(self.path), mode="a")
+        with reading(self.path):
+            self.root = open_root(self.path, mode="a")
+            existing = self.root[group] if group in self.root else None
         self.node: zarr.Group | None = None
-        if group in self.root:
-            existing = self.root[group]
+        if existing is not None:
             if overwrite:
                 del self.root[group]
+                consolidate(self.path)
             elif _canonical(existing.attrs.get("config", {})) != _canonical(config):
                 old = existing.attrs.get("config", {})
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise StoreError(
+                raise GroupClashError(
                     f"group {group!r} in {self.path} was written with a different configuration "
-                    f"(differs in: {', '.join(changed)}); choose another --setting name or pass overwrite=True "
-                    "(--overwrite) to replace it"
+                    f"(differs in: {', '.join(changed)})", path=self.path, group=group, changed=changed,
+                    remedy="choose another setting name or pass overwrite=True to replace it",
                 )
             else:
                 self.node = existing
@@ -124,6 +177,7 @@ class GroupWriter:
             array[...] = values
         node.attrs.update({**attrs, "config": self.config})
         self.node = node
+        consolidate(self.path)
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray]) -> None:
         """Write one batch at example positions ``index`` (sorted, contiguous or not), then mark it done."""
@@ -131,6 +185,9 @@ class GroupWriter:
             array = self.node[name]
             array.set_orthogonal_selection((index,) + (slice(None),) * (array.ndim - 1), np.asarray(value))
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
+        if len(self.pending()) == 0:
+            consolidate(self.path)
 
     def set_attrs(self, **attrs: Any) -> None:
         self.node.attrs.update(attrs)
+        consolidate(self.path)

@@ -77,8 +77,15 @@ def _read_records(path: Path) -> list[dict]:
     if path.suffix not in readers:
         raise TaskError(f"cannot read {path}: use a .csv, .jsonl or .parquet file")
     if not path.is_file():
-        raise TaskError(f"data file not found: {path}")
-    return readers[path.suffix](path).to_dict("records")
+        raise TaskError(f"{path} is not a file; give a .csv, .jsonl or .parquet file" if path.exists()
+                        else f"data file not found: {path}")
+    try:
+        return readers[path.suffix](path).to_dict("records")
+    except UnicodeDecodeError as error:
+        raise TaskError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from error
+    except (ValueError, OSError) as error:
+        raise TaskError(f"cannot read {path} as {path.suffix[1:].upper()}: {error}; check the file's format "
+                        "(one record per row or line, with text and label fields)") from error
 
 
 def _fixed_split(labels: np.ndarray, seed: int = 0) -> np.ndarray:

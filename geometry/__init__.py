@@ -29,6 +29,7 @@ _EXPORTS = {
     "output_alignment": "geometry.measures",
     "denoising_gain": "geometry.measures",
     "lens_logits": "geometry.lens",
+    "store_lens": "geometry.lens",
     "semantic_decoding": "geometry.semantic",
     "decode_store_directions": "geometry.semantic",
     "Separability": "geometry.estimators",

@@ -18,9 +18,11 @@ Measures (per layer): separability (held-out accuracy of a logistic-regression p
 words' unembedding direction d = (E_A - E_B)/||E_A - E_B|| (averaged over label pairs), effective_dimension
 (participation ratio) and denoising_gain (label accuracy of the rank-R reconstruction minus that of the raw
 states). Values come with 95% stratified-bootstrap CIs (separability: 50 resamples, each a new probe fit).
-The table printed is the value per layer; the CSV (columns group, layer, measure, value, ci_low, ci_high) also
-holds the CIs and the group's accuracy and label_accuracy. The transition is the layer after the separability
-plateau where composite alignment rises most steeply.
+The table printed is the value per layer; the CSV (columns group, layer, measure, value, ci_low, ci_high,
+normalize_variance) also holds the CIs and the group's accuracy and label_accuracy. Variance alignment is the
+share of the pair's variance along d; --raw-variance gives [Y]'s appendix form d^T (H^T H / n) d on the centred
+states instead (and composite alignment built on it); the CSV's normalize_variance column says which. The
+transition is the layer after the separability plateau where composite alignment rises most steeply.
 """
 
 PLOT_EXAMPLES = """
@@ -47,7 +49,8 @@ def _default_out(store: str, suffix: str) -> Path:
 
 
 def _sweep_kwargs(args: argparse.Namespace) -> dict:
-    return dict(n_boot=args.n_boot, seed=args.seed, rank=args.rank, measures=args.measures)
+    return dict(n_boot=args.n_boot, seed=args.seed, rank=args.rank, measures=args.measures,
+                normalize_variance=not args.raw_variance)
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -90,6 +93,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for the 95%% CIs; 0 skips them (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and the probe split (default: 0)")
     parser.add_argument("--rank", type=int, default=10, help="rank of the denoising reconstruction (default: 10)")
+    parser.add_argument("--raw-variance", action="store_true",
+                        help="variance alignment as d^T (H^T H / n) d on centred states ([Y]'s appendix) instead of "
+                             "the share of variance along d (default)")
     parser.add_argument("--min-rise", type=float, default=0.0, metavar="X",
                         help="smallest rise of composite alignment that counts as a transition (default: 0, any rise)")
 

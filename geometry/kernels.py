@@ -74,12 +74,13 @@ def _class_sums(X: np.ndarray, y: np.ndarray, proj: np.ndarray, weights: np.ndar
 
 
 def alignment_batch(X: np.ndarray, y: np.ndarray, directions: np.ndarray, pairs: list[tuple[int, int]],
-                    weights: np.ndarray) -> dict[str, np.ndarray]:
+                    weights: np.ndarray, normalize: bool = True) -> dict[str, np.ndarray]:
     """Variance-, mean- and composite alignment, each (B, P): one value per weight row and label pair.
 
     For the pair (A, B) with direction d: variance = dᵀΣd / tr Σ over the pair's examples (Σ their weighted
-    covariance); mean = dᵀ(μ_A - μ_B) / sqrt((n_A Var_A + n_B Var_B) / (n_A + n_B)) with population variances of
-    dᵀh, positive when class A lies further along d = U_A - U_B than class B; composite = variance x mean.
+    covariance), or dᵀΣd itself when not ``normalize`` ([Y]'s appendix form dᵀ(H̄ᵀH̄/n)d); mean = dᵀ(μ_A - μ_B) /
+    sqrt((n_A Var_A + n_B Var_B) / (n_A + n_B)) with population variances of dᵀh, positive when class A lies
+    further along d = U_A - U_B than class B; composite = variance x mean.
     """
     classes = sorted({c for pair in pairs for c in pair})
     position = {c: i for i, c in enumerate(classes)}
@@ -100,7 +101,7 @@ def alignment_batch(X: np.ndarray, y: np.ndarray, directions: np.ndarray, pairs:
         gram = np.einsum("bcd,bed->bce", sums, sums)
         pair_sum_sq = gram[:, a, a] + gram[:, b, b] + 2 * gram[:, a, b]
         trace = norms[:, a] + norms[:, b] - pair_sum_sq / total
-        variance = np.maximum(along, 0.0) / trace
+        variance = np.maximum(along, 0.0) / (trace if normalize else total)
     return {"variance": variance, "mean": mean, "composite": variance * mean}
 
 

@@ -5,7 +5,8 @@ words' unembedding rows (row i for class i). Directional measures are computed f
 classes present in ``y``, A the lower class index, on that pair's examples only, with d = (U_A - U_B) /
 ||U_A - U_B||, and averaged over pairs (the composite averages per-pair products). Mean alignment is therefore
 positive when class A's states lie further along U_A - U_B than class B's: each class leans towards its own
-label word. Swapping the labels of A and B flips the sign of mean (and composite) alignment only.
+label word. Swapping the labels of A and B flips the sign of mean (and composite) alignment only. Variance
+alignment is a proportion of variance by default; ``normalize=False`` gives [Y]'s appendix form dᵀ(H̄ᵀH̄/n)d.
 Separability (a multinomial probe), effective dimension and the lens measures use all examples at once.
 Degenerate states (all queries identical, e.g. the embedding of the same last token) give NaN: undefined.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from geometry import kernels
 from geometry.bootstrap import resample_indices
 from geometry.errors import MeasureError
-from geometry.lens import lens_logits, low_rank
+from geometry.lens import Subspace, fit_subspace, lens_logits
 from geometry.validation import (check_fraction, check_int, check_labels, check_states, check_unembedding,
                                  label_pairs, to_numpy)
 
@@ -47,18 +48,34 @@ def probe_fitting() -> Iterator[None]:
         yield
 
 
-def _fit_score(H: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
-    """Held-out accuracy of scikit-learn's default ``LogisticRegression`` fit on ``train``, scored on ``test``.
+@dataclass(frozen=True)
+class Probe:
+    """A fitted linear probe: scikit-learn's default ``LogisticRegression`` on states shifted by ``centre``."""
 
-    Both parts are shifted by the training mean first. The intercept is not penalised, so the shift leaves the
-    optimal classifier unchanged; it only spares lbfgs the large common offset of hidden states, with which it
-    stopped unconverged at its 100 iterations in 81% of the fits on Gemma 3 270M (19% after the shift, median 33
-    iterations, 1.7x faster).
+    model: Any
+    centre: np.ndarray
+
+    def accuracy(self, H: np.ndarray, y: np.ndarray) -> float:
+        """The probe's accuracy on states ``H`` with gold classes ``y``."""
+        return float(self.model.score(H - self.centre, y))
+
+
+def train_probe(H: np.ndarray, y: np.ndarray) -> Probe:
+    """Fit the probe on (H, y), shifted by the mean of H (call it under :func:`probe_fitting`).
+
+    The intercept is not penalised, so the shift leaves the optimal classifier unchanged; it only spares lbfgs the
+    large common offset of hidden states, with which it stopped unconverged at its 100 iterations in 81% of the
+    fits on Gemma 3 270M (19% after the shift, median 33 iterations, 1.7x faster).
     """
     from sklearn.linear_model import LogisticRegression
 
-    centre = H[train].mean(axis=0)
-    return float(LogisticRegression().fit(H[train] - centre, y[train]).score(H[test] - centre, y[test]))
+    centre = H.mean(axis=0)
+    return Probe(LogisticRegression().fit(H - centre, y), centre)
+
+
+def _fit_score(H: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    """Held-out accuracy of the probe (:func:`train_probe`) fit on ``train``, scored on ``test``."""
+    return train_probe(H[train], y[train]).accuracy(H[test], y[test])
 
 
 def _check_split(y: np.ndarray, test_size: float, folds: int | None = None) -> None:
@@ -166,14 +183,19 @@ def prepare_alignment(H: Any, y: Any, U: Any) -> AlignmentInputs:
     return AlignmentInputs(kernels.shift(states), labels, pairs, kernels.pair_directions(rows, pairs))
 
 
-def alignment_by_pair(H: Any, y: Any, U: Any) -> PairAlignment:
-    """Singular, variance-based, mean-based and composite alignment of every label pair (see the module doc)."""
-    inputs = prepare_alignment(H, y, U)
+def pair_alignment(inputs: AlignmentInputs, normalize: bool = True) -> PairAlignment:
+    """Every alignment measure of every label pair of prepared inputs (see :func:`alignment_by_pair`)."""
     weights = kernels.unit_weights(len(inputs.y))
-    directed = kernels.alignment_batch(inputs.X, inputs.y, inputs.directions, inputs.pairs, weights)
+    directed = kernels.alignment_batch(inputs.X, inputs.y, inputs.directions, inputs.pairs, weights, normalize)
     singular = kernels.singular_alignment_batch(inputs.X, inputs.y, inputs.directions, inputs.pairs, weights, 2)
     return PairAlignment(inputs.pairs, inputs.directions, singular[0], directed["variance"][0],
                          directed["mean"][0], directed["composite"][0])
+
+
+def alignment_by_pair(H: Any, y: Any, U: Any, *, normalize: bool = True) -> PairAlignment:
+    """Singular, variance-based, mean-based and composite alignment of every label pair (see the module doc);
+    ``normalize`` as in :func:`variance_alignment`."""
+    return pair_alignment(prepare_alignment(H, y, U), normalize)
 
 
 def singular_alignment(H: Any, y: Any, U: Any) -> float:
@@ -181,9 +203,11 @@ def singular_alignment(H: Any, y: Any, U: Any) -> float:
     return float(np.mean(alignment_by_pair(H, y, U).singular))
 
 
-def variance_alignment(H: Any, y: Any, U: Any) -> float:
-    """Share of the pair's total variance along d: dᵀH̄ᵀH̄d / tr(H̄ᵀH̄), pair-averaged."""
-    return float(np.mean(alignment_by_pair(H, y, U).variance))
+def variance_alignment(H: Any, y: Any, U: Any, *, normalize: bool = True) -> float:
+    """Share of the pair's total variance along d: dᵀH̄ᵀH̄d / tr(H̄ᵀH̄), pair-averaged (H̄: the pair's states,
+    centred on their mean). With ``normalize=False``: dᵀ(H̄ᵀH̄ / n)d, the variance along d in the states' own
+    units, as [Y]'s appendix writes it (its main text calls the measure a proportion of variance, the default)."""
+    return float(np.mean(alignment_by_pair(H, y, U, normalize=normalize).variance))
 
 
 def mean_alignment(H: Any, y: Any, U: Any) -> float:
@@ -191,9 +215,10 @@ def mean_alignment(H: Any, y: Any, U: Any) -> float:
     return float(np.mean(alignment_by_pair(H, y, U).mean))
 
 
-def composite_alignment(H: Any, y: Any, U: Any) -> float:
-    """Variance-based times mean-based alignment per pair, then averaged over pairs."""
-    return float(np.mean(alignment_by_pair(H, y, U).composite))
+def composite_alignment(H: Any, y: Any, U: Any, *, normalize: bool = True) -> float:
+    """Variance-based (``normalize`` as in :func:`variance_alignment`) times mean-based alignment per pair, then
+    averaged over pairs."""
+    return float(np.mean(alignment_by_pair(H, y, U, normalize=normalize).composite))
 
 
 # --- effective dimension ----------------------------------------------------------------------------------------
@@ -224,26 +249,32 @@ def output_alignment(lens_top_token: Any, label: Any, label_token: Any) -> float
 
 
 def denoising_hits(H: Any, y: Any, lens_unembed: Any, lens_bias: Any = None, *, rank: int = 10,
-                   center: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Per query: label-restricted lens correctness of the raw states and of their rank-``rank`` reconstruction."""
+                   center: bool = False, scale: float = 1.0, softcap: float | None = None,
+                   subspace: Subspace | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: label-restricted lens correctness of the raw states and of their rank-``rank`` reconstruction
+    (onto ``subspace`` when given, e.g. one fitted on other states; else the states' own principal subspace)."""
     states = check_states(H)
     labels = check_labels(y, len(states), min_classes=1)
     rank = check_int(rank, "rank", 1)
     if labels.max() >= len(to_numpy(lens_unembed)):
         raise MeasureError(f"lens_unembed has {len(to_numpy(lens_unembed))} rows but the labels go up to class "
                            f"{labels.max()}")
-    raw = lens_logits(states, lens_unembed, lens_bias, center=center).argmax(axis=1) == labels
-    denoised = lens_logits(low_rank(states, rank), lens_unembed, lens_bias, center=center).argmax(axis=1) == labels
-    return raw, denoised
+    denoised = (subspace or fit_subspace(states, rank)).project(states)
+    lens = dict(center=center, scale=scale, softcap=softcap)
+    raw = lens_logits(states, lens_unembed, lens_bias, **lens).argmax(axis=1) == labels
+    return raw, lens_logits(denoised, lens_unembed, lens_bias, **lens).argmax(axis=1) == labels
 
 
 def denoising_gain(H: Any, y: Any, lens_unembed: Any, lens_bias: Any = None, *, rank: int = 10,
-                   center: bool = False) -> float:
+                   center: bool = False, scale: float = 1.0, softcap: float | None = None) -> float:
     """Label-restricted lens accuracy of the rank-``rank`` reconstruction (centred states, plus the mean) minus
-    that of the raw states. ``lens_unembed``/``lens_bias``/``center`` are the store's ``lens_*`` entries, so the
-    final norm is applied as the model applies it (see :mod:`geometry.lens`). 0 when ``rank`` >= min(n, d).
+    that of the raw states. ``lens_unembed``/``lens_bias``/``center``/``scale``/``softcap`` are the store's
+    ``lens_*`` entries (see :mod:`geometry.lens`; :func:`geometry.lens.store_lens` reads them and refuses a store
+    whose final-norm form is not exact), so the final norm and output scaling are applied as the model applies
+    them. 0 when ``rank`` >= min(n, d).
 
     The paper scores the whole vocabulary; a store keeps only the label rows, so this gain is label-restricted.
     """
-    raw, denoised = denoising_hits(H, y, lens_unembed, lens_bias, rank=rank, center=center)
+    raw, denoised = denoising_hits(H, y, lens_unembed, lens_bias, rank=rank, center=center, scale=scale,
+                                   softcap=softcap)
     return float(denoised.mean() - raw.mean())

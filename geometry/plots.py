@@ -36,6 +36,8 @@ LABELS = {
     "effective_dimension": ("Effective dimension", "participation ratio"),
     "denoising_gain": ("Low-rank denoising gain", "label accuracy gain"),
 }
+#: Y-axis labels of the measures whose scale changes with ``normalize_variance=False`` (the appendix form).
+RAW_VARIANCE_LABELS = {"variance_alignment": "variance along d (dᵀΣd)", "composite_alignment": "dᵀΣd x mean"}
 MIN_PROJECTED = 3
 
 
@@ -71,6 +73,8 @@ def _draw_measure(ax: Axes, results: Sequence[xr.Dataset], measure: str, mark_tr
             if found.layer is not None:
                 ax.axvline(found.layer, color=colour, linestyle="--", linewidth=1)
     title, unit = LABELS.get(measure, (measure, measure))
+    if any(not result.attrs.get("normalize_variance", True) for result in results):
+        unit = RAW_VARIANCE_LABELS.get(measure, unit)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.set_xlabel("layer")

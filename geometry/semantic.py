@@ -3,7 +3,10 @@
 A direction v (both signs) is scored against every vocabulary row, E v, and the highest-scoring tokens say what
 the direction "means" to the model's output; at the transition the label words appear. The whole vocabulary is
 needed, which the store does not keep, so :func:`decode_store_directions` takes the loaded model and writes its
-small result into the store group's attrs (key ``semantic_decoding``).
+small result into the store group's attrs (key ``semantic_decoding``). Its lens is the final norm's gain and
+centring as fitted from the model; a model whose norm has no such form is refused. The soft-capping and logit
+scaling of some models are monotone and shared by every token, so they leave the ranking, and the result,
+unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from geometry.errors import MeasureError
 from geometry.kernels import shift, top_right_singular
 from geometry.validation import check_int, check_layers, check_states, to_numpy
 
@@ -76,14 +80,16 @@ def decode_store_directions(loaded: Any, store: str | Path, group: str, layers: 
     final norm's gain and centring as ``extraction`` fits them, then the whole vocabulary), written to the group's
     attrs under ``semantic_decoding`` as ``{"k_directions", "top_tokens", "lens", "layers": {layer: [...]}}``;
     returns that dict."""
-    import zarr
-
     from extraction.architecture import final_norm_form
-    from extraction.store import open_group
+    from extraction.store import consolidate, open_group, open_root
 
     ds = open_group(store, group)
     chosen = check_layers(ds["layer"].values, layers)
     form = final_norm_form(loaded.arch)
+    if not form.exact:
+        raise MeasureError("the model's final norm has no gain/bias form (final_norm_form(...).exact is False), so "
+                           "its logit lens cannot be applied to directions; semantic decoding is not available for "
+                           "this model")
     result = {
         "k_directions": k_directions, "top_tokens": top_tokens,
         "lens": "final norm's gain" + (" and centring" if form.center else "") + ", then the whole unembedding",
@@ -94,5 +100,6 @@ def decode_store_directions(loaded: Any, store: str | Path, group: str, layers: 
             for layer in chosen
         },
     }
-    zarr.open_group(str(store), mode="a")[group].attrs[ATTR] = result
+    open_root(store, mode="a")[group].attrs[ATTR] = result
+    consolidate(store)
     return result

@@ -14,6 +14,11 @@ rank-r subspace is fitted once on all queries). Separability refits a probe per 
 ``min(n_boot, n_boot_separability)`` resamples (default 50), each a fresh split with separately resampled
 training and held-out parts.
 
+The denoising gain needs the store's array form of the final norm. A group whose attr ``lens_form_exact`` is False
+has none (see :mod:`geometry.lens`): asked for by name, the measure is refused with a :class:`MeasureError`; in the
+default set it is skipped with a logged warning, its values are NaN and the result's attr ``skipped_measures``
+names it (``skip_reasons`` says why).
+
 Caveat: a resample repeats some queries, which lowers the rank of the resampled states, so when n is not much
 larger than d the effective dimension's interval lies below its value (the percentile bootstrap is biased for
 this statistic); read it as a spread, not as coverage.
@@ -33,9 +38,11 @@ import pandas as pd
 import xarray as xr
 from tqdm.auto import tqdm
 
+from extraction.store import reading
 from geometry import kernels
 from geometry.bootstrap import percentile_interval, resample_counts
 from geometry.errors import MeasureError
+from geometry.lens import StoreLens, lens_refusal, store_lens
 from geometry.measures import (denoising_hits, lens_hits, prepare_alignment, probe_fitting, separability,
                                separability_bootstrap)
 from geometry.names import MEASURES, PAIRWISE
@@ -64,6 +71,7 @@ class SweepSettings:
     cv: int | None
     singular_subspace: int
     unembedding: str
+    normalize_variance: bool
 
 
 @dataclass(frozen=True)
@@ -72,26 +80,27 @@ class GroupArrays:
 
     labels: np.ndarray
     label_rows: np.ndarray | None  # the rows defining the alignment directions
-    lens_unembed: np.ndarray | None
-    lens_bias: np.ndarray | None
-    lens_center: bool
+    lens: StoreLens | None  # None: denoising_gain is not requested or is skipped (NaN)
     label_token: np.ndarray | None
     counts: np.ndarray  # (1 + n_boot, n): a row of ones, then the resamples' counts
 
 
 def _settings(names: Sequence[str] | None, n_boot: int, n_boot_separability: int, seed: int, rank: int,
-              test_size: float, cv: int | None, singular_subspace: int, unembedding: str) -> SweepSettings:
+              test_size: float, cv: int | None, singular_subspace: int, unembedding: str,
+              normalize_variance: bool) -> SweepSettings:
     chosen = tuple(names or MEASURES)
     unknown = [m for m in chosen if m not in MEASURES]
     if unknown:
         raise MeasureError(f"unknown measure {', '.join(map(repr, unknown))}; choose from {', '.join(MEASURES)}")
     if unembedding not in ("unembed", "lens_unembed"):
         raise MeasureError(f"unembedding must be 'unembed' or 'lens_unembed', not {unembedding!r}")
+    if not isinstance(normalize_variance, (bool, np.bool_)):
+        raise MeasureError(f"normalize_variance must be True or False, not {normalize_variance!r}")
     return SweepSettings(
         chosen, check_int(n_boot, "n_boot", 0), check_int(n_boot_separability, "n_boot_separability", 0),
         check_int(seed, "seed", 0), check_int(rank, "rank", 1), check_fraction(test_size, "test_size"),
         None if cv is None else check_int(cv, "cv", 2), check_int(singular_subspace, "singular_subspace", 2),
-        unembedding,
+        unembedding, bool(normalize_variance),
     )
 
 
@@ -104,7 +113,18 @@ def _open(store: str | Path | xr.Dataset, group: str) -> tuple[xr.Dataset, str, 
     return open_group(store, group), group, str(store)
 
 
-def _group_arrays(ds: xr.Dataset, settings: SweepSettings) -> GroupArrays:
+def _lens(ds: xr.Dataset, settings: SweepSettings, explicit: bool, where: str) -> StoreLens | None:
+    """The group's lens for the denoising gain; None when it is not requested, or skipped (see the module doc)."""
+    if "denoising_gain" not in settings.measures:
+        return None
+    reason = lens_refusal(ds.attrs, where)
+    if reason and not explicit:
+        log.warning("%s; denoising_gain is skipped (NaN)", reason)
+        return None
+    return store_lens(ds, where)
+
+
+def _group_arrays(ds: xr.Dataset, settings: SweepSettings, explicit: bool, where: str) -> GroupArrays:
     needed = {"hidden", "label"} | {v for m in settings.measures for v in NEEDS.get(m, ())}
     if ALIGNMENT & set(settings.measures):
         needed.add(settings.unembedding)
@@ -113,12 +133,11 @@ def _group_arrays(ds: xr.Dataset, settings: SweepSettings) -> GroupArrays:
         raise MeasureError(f"the group lacks {', '.join(missing)}, needed by the requested measures; "
                            "re-extract it or choose other measures")
     labels = check_labels(ds["label"].values, ds.sizes["example"])
-    values = {name: ds[name].values if name in ds else None for name in ("lens_unembed", "lens_bias", "label_token")}
     ones = kernels.unit_weights(len(labels))
     resamples = resample_counts(labels, settings.n_boot, np.random.default_rng(settings.seed))
-    return GroupArrays(labels, ds[settings.unembedding].values if settings.unembedding in ds else None,
-                       values["lens_unembed"], values["lens_bias"], bool(ds.attrs.get("lens_center", False)),
-                       values["label_token"], np.vstack([ones, resamples]))
+    lens = _lens(ds, settings, explicit, where)
+    return GroupArrays(labels, ds[settings.unembedding].values if settings.unembedding in ds else None, lens,
+                       ds["label_token"].values if "label_token" in ds else None, np.vstack([ones, resamples]))
 
 
 def _separability(H: np.ndarray, arrays: GroupArrays, settings: SweepSettings) -> np.ndarray:
@@ -143,16 +162,19 @@ def layer_samples(H: np.ndarray, top_token: np.ndarray | None, arrays: GroupArra
         inputs = prepare_alignment(H, arrays.labels, arrays.label_rows)
         args = (inputs.X, inputs.y, inputs.directions, inputs.pairs, weights)
         if wanted & set(DIRECTED):
-            directed = kernels.alignment_batch(*args)
+            directed = kernels.alignment_batch(*args, settings.normalize_variance)
             out.update({name: directed[key].mean(axis=1) for name, key in DIRECTED.items() if name in wanted})
         if "singular_alignment" in wanted:
             out["singular_alignment"] = kernels.singular_alignment_batch(*args, settings.singular_subspace).mean(axis=1)
     if "effective_dimension" in wanted:
         states = check_states(H)
         out["effective_dimension"] = kernels.effective_dimension_batch(kernels.shift(states), weights)
-    if "denoising_gain" in wanted:
-        raw, denoised = denoising_hits(H, arrays.labels, arrays.lens_unembed, arrays.lens_bias,
-                                       rank=settings.rank, center=arrays.lens_center)
+    if "denoising_gain" in wanted and arrays.lens is None:
+        out["denoising_gain"] = np.full(len(weights), np.nan)
+    elif "denoising_gain" in wanted:
+        lens = arrays.lens
+        raw, denoised = denoising_hits(H, arrays.labels, lens.unembed, lens.bias, rank=settings.rank,
+                                       center=lens.center, scale=lens.scale, softcap=lens.softcap)
         out["denoising_gain"] = weights @ (denoised.astype(float) - raw) / len(raw)
     return out
 
@@ -224,7 +246,7 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
             n_boot: int = 1000, seed: int = 0, rank: int = 10, layers: Sequence[int] | None = None,
             progress: bool = True, parallel: str | None = None, n_boot_separability: int = 50,
             test_size: float = 0.5, cv: int | None = None, singular_subspace: int = 16,
-            unembedding: str = "unembed") -> xr.Dataset:
+            unembedding: str = "unembed", normalize_variance: bool = True) -> xr.Dataset:
     """Every measure at every layer of one group: a Dataset with ``value``, ``ci_low``, ``ci_high`` (layer, measure).
 
     ``store`` is a store path (the group is opened lazily) or an already opened group Dataset (``group`` is then
@@ -234,32 +256,40 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
     ``parallel`` is ``dask``, ``threads``, ``serial`` or None (auto). ``test_size``/``cv`` are separability's;
     ``singular_subspace`` sizes the subspace of the singular-alignment resamples (see the module docstring);
     ``unembedding`` picks the rows that define the alignment directions (``unembed``: the raw LM-head rows E_y,
-    as in [Y]; ``lens_unembed``: scaled by the final norm's gain). The attrs record every parameter, the group,
-    its accuracy (whole vocabulary, from ``correct``) and label-restricted accuracy.
+    as in [Y]; ``lens_unembed``: scaled by the final norm's gain). ``normalize_variance`` (default True) makes
+    variance alignment, and the composite built on it, a proportion of variance; False gives [Y]'s appendix form
+    dᵀ(H̄ᵀH̄/n)d (see :func:`geometry.variance_alignment`). The attrs record every parameter, the group, its
+    accuracy (whole vocabulary, from ``correct``), label-restricted accuracy and any skipped measure (see the
+    module docstring on the denoising gain).
     """
     settings = _settings(measures, n_boot, n_boot_separability, seed, rank, test_size, cv, singular_subspace,
-                         unembedding)
+                         unembedding, normalize_variance)
     ds, name, source = _open(store, group)
     chosen = check_layers(ds["layer"].values, layers)
-    arrays = _group_arrays(ds, settings)
+    with reading(source):
+        arrays = _group_arrays(ds, settings, explicit=measures is not None, where=f"group {name!r} of {source}")
     mode = resolve_parallel(parallel)
     log.info("measuring %s (%d layers, %d examples, %d resamples, %s)", name, len(chosen), len(arrays.labels),
              settings.n_boot, mode)
 
     def one_layer(layer: int) -> np.ndarray:
-        H = ds["hidden"].sel(layer=layer).values
-        top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
+        with reading(source):
+            H = ds["hidden"].sel(layer=layer).values
+            top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
         return _summarise(layer_samples(H, top, arrays, settings), settings.measures)
 
     with probe_fitting(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
         tables = np.stack(map_layers(one_layer, chosen, mode, bar))
+    skipped = "denoising_gain" in settings.measures and arrays.lens is None
     record = {key: "none" if value is None else value for key, value in asdict(settings).items()}
     attrs = {
         "group": name, "store": source, **record, "measures": list(settings.measures), "layers": chosen,
         "parallel": mode, "ci": CI_METHOD, "n_examples": len(arrays.labels),
         "classes": [str(c) for c in ds["class"].values] if "class" in ds.coords else [],
         "pairwise_measures": [m for m in PAIRWISE if m in settings.measures],
-        "lens_center": arrays.lens_center, **group_accuracy(ds),
+        "lens_center": bool(ds.attrs.get("lens_center", False)), **group_accuracy(ds),
+        "skipped_measures": ["denoising_gain"] if skipped else [],
+        "skip_reasons": [lens_refusal(ds.attrs, f"group {name!r}")] if skipped else [],
         **{key: ds.attrs[key] for key in ("task", "shots") if key in ds.attrs},
     }
     dims = ("layer", "measure")
@@ -269,13 +299,12 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
 
 def measured_groups(store: str | Path) -> list[str]:
     """The groups of a store that hold hidden states (the ones a sweep can measure)."""
-    import zarr
-
-    from extraction.store import list_groups
+    from extraction.store import list_groups, open_root
 
     names = list_groups(store)
-    root = zarr.open_group(str(store), mode="r")
-    return [name for name in names if "hidden" in root[name]]
+    with reading(store):
+        root = open_root(store)
+        return [name for name in names if "hidden" in root[name]]
 
 
 def measure_groups(store: str | Path, groups: Sequence[str] | None = None,
@@ -288,9 +317,11 @@ def measure_groups(store: str | Path, groups: Sequence[str] | None = None,
 
 
 def tidy(results: Sequence[xr.Dataset]) -> pd.DataFrame:
-    """Sweep results as one long table: group, layer, measure, value, ci_low, ci_high.
+    """Sweep results as one long table: group, layer, measure, value, ci_low, ci_high, normalize_variance.
 
-    The group-level ``accuracy`` and ``label_accuracy`` follow each group's layer rows with an empty layer.
+    The group-level ``accuracy`` and ``label_accuracy`` follow each group's layer rows with an empty layer;
+    ``normalize_variance`` repeats the group's setting (False: variance and composite alignment are in the
+    appendix's unnormalised form).
     """
     frames = []
     for result in results:
@@ -300,8 +331,10 @@ def tidy(results: Sequence[xr.Dataset]) -> pd.DataFrame:
                                  "ci_low": np.nan, "ci_high": np.nan})
         frame = pd.concat([frame.astype({"layer": "Int64"}), accuracy.astype({"layer": "Int64"})], ignore_index=True)
         frame.insert(0, "group", result.attrs["group"])
+        frame["normalize_variance"] = bool(result.attrs.get("normalize_variance", True))
         frames.append(frame)
-    return pd.concat(frames, ignore_index=True)[["group", "layer", "measure", "value", "ci_low", "ci_high"]]
+    return pd.concat(frames, ignore_index=True)[["group", "layer", "measure", "value", "ci_low", "ci_high",
+                                                 "normalize_variance"]]
 
 
 def table(store: str | Path, groups: Sequence[str] | None = None, *, out: str | Path | None = None,

@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 from extraction.capture import position_ids
 from extraction.models import LoadedModel
-from extraction.store import list_groups
+from extraction.store import consolidate, list_groups
 from extraction.tasks import Task
-from heads.errors import HeadsError
+from heads.errors import HeadsError, ScoresClashError
 from heads.prompting import prompt_batches
 from heads.records import same_record
 
@@ -295,8 +295,9 @@ def score(
         if same_record(saved.attrs.get("config"), config):
             log.info("re-using head scores from %s", store)
             return saved
-        raise HeadsError(f"store {store} holds head scores computed with another configuration "
-                         f"({saved.attrs.get('config')}); pass overwrite=True (--overwrite-scores) to replace them")
+        raise ScoresClashError(f"store {store} holds head scores computed with another configuration "
+                               f"({saved.attrs.get('config')})", path=store, group=GROUP,
+                               remedy="pass overwrite=True to replace them")
     pth, ih, zero_config, few_config = _prompt_scores(loaded, prompt_options, shots, n, seed, batch_size, task,
                                                       pth_first_pair, progress)
     detectors = _detector_scores(loaded, n_random, repeat, seed, batch_size)
@@ -312,5 +313,6 @@ def score(
     )
     if store is not None:
         dataset.to_zarr(str(store), group=GROUP, mode="w", consolidated=False)
+        consolidate(store)
         log.info("head scores saved to %s (group %s)", store, GROUP)
     return dataset

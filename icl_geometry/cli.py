@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from extraction.errors import ICLGeometryError
+from extraction.errors import GroupClashError, ICLGeometryError
 
 #: Modules that contribute subcommands through a ``register(subparsers)`` function, in help order.
 COMMAND_MODULES = ("icl_geometry.study_cli", "extraction.cli", "geometry.cli", "heads.cli")
@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def clash_remedy(args: argparse.Namespace, clash: GroupClashError) -> str:
+    """What the user of this command can do about a store group written with another configuration: the
+    command's own flag where it has one, else another store or removing the group."""
+    flag = "--overwrite-scores" if clash.group == "head_scores" else "--overwrite"
+    if hasattr(args, flag[2:].replace("-", "_")):
+        return f"pass {flag} to replace it" + (" or choose another --setting name" if hasattr(args, "setting") else "")
+    return (f"write to another store, or remove group {clash.group!r} first (`icl-geometry heads score STORE "
+            "--overwrite-scores ...` replaces head scores; extraction.store.delete_group(STORE, GROUP) removes any "
+            "group)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -46,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ICLGeometryError as error:
-        print(f"icl-geometry: error: {error}", file=sys.stderr)
+        message = f"{error.problem}; {clash_remedy(args, error)}" if isinstance(error, GroupClashError) else error
+        print(f"icl-geometry: error: {' '.join(str(message).split())}", file=sys.stderr)  # one line, always
         return 2
     except KeyboardInterrupt:
         print("icl-geometry: interrupted; re-run the same command to resume", file=sys.stderr)

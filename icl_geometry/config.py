@@ -69,6 +69,8 @@ class GeometrySection:
     rank: int = 10  #: rank of the low-rank denoising
     seed: int = 0  #: bootstrap and classifier-split seed
     min_rise: float = 0.0  #: smallest rise of composite alignment that counts as a transition (0: any rise)
+    #: variance alignment as the share of variance along d (true) or [Y]'s appendix form dᵀ(H̄ᵀH̄/n)d (false)
+    normalize_variance: bool = True
 
 
 @dataclass

@@ -13,16 +13,19 @@ Output folder layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
-from extraction.store import open_group
+from extraction.errors import GroupClashError
+from extraction.store import delete_group, open_group
 from geometry.plots import default_layers
-from icl_geometry.config import StudyConfig, dump_toml
+from icl_geometry.config import ConfigError, StudyConfig, dump_toml
 from icl_geometry.report import write_report
 from icl_geometry.stages import Manifest, Stage, run_stages
 
@@ -41,7 +44,7 @@ class Study:
     """A configured study writing into ``folder``; :meth:`run` does (or finishes) it and returns the report path."""
 
     def __init__(self, config: StudyConfig, folder: str | Path, *, progress: bool = True, restart: bool = False):
-        self.config, self.folder, self.progress = config, Path(folder), progress
+        self.config, self.folder, self.progress, self.restart = config, Path(folder), progress, restart
         self.folder.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.folder, config.fingerprint(), restart=restart)
         self._loaded = None
@@ -121,7 +124,7 @@ class Study:
         settings, store = self.config.geometry, self.store(task)
         results = geometry.measure_groups(store, self.groups(task), n_boot=settings.n_boot, seed=settings.seed,
                                           n_boot_separability=settings.n_boot_separability, rank=settings.rank,
-                                          progress=self.progress)
+                                          normalize_variance=settings.normalize_variance, progress=self.progress)
         self._write_part("measures", task, tidy(list(results.values())))
         transitions = [geometry.transition(result, min_rise=settings.min_rise).to_dict() for result in results.values()]
         self._write_part("transitions", task, pd.DataFrame(transitions).rename(columns={"layer": "transition_layer"}))
@@ -205,12 +208,57 @@ class Study:
         stages.append(Stage("report", 2, self._report))
         return stages
 
+    def check_data(self) -> None:
+        """Refuse, before any stage runs, prompts the tasks' pools cannot give: ``[data] n`` (and ``[heads] n_score``)
+        may go up to each task's query pool, every k must fit its demonstration pool."""
+        from extraction.prompts import PromptConfig, build_prompts
+        from extraction.tasks import load_task
+
+        data, heads = self.config.data, self.config.heads
+        wanted = {"[data] n": data.n, **({"[heads] n_score": heads.n_score} if heads.enabled else {})}
+        for name in data.tasks:
+            task = load_task(name)
+            pool = len(task.test)
+            for key, value in wanted.items():
+                if value > pool:
+                    raise ConfigError(f"{key} = {value} is more than the {pool} queries in the query pool of task "
+                                      f"{task_label(name)!r}; set it to at most {pool}")
+            for k in sorted({0, *self.config.k_values}):
+                build_prompts(task, PromptConfig(shots=k, n=data.n, seed=data.seed, **self.prompt_options()))
+
+    def _replacing_clashes(self, run: Callable[[], None]) -> Callable[[], None]:
+        """``run`` where a store group written with another configuration is replaced when the study restarts
+        (``--restart``), and otherwise refused with a message naming that flag."""
+        def guarded() -> None:
+            replaced: set[tuple[str, str]] = set()
+            while True:
+                try:
+                    return run()
+                except GroupClashError as clash:
+                    key = (str(clash.path), clash.group)
+                    if not self.restart:
+                        raise ConfigError(
+                            f"group {clash.group!r} in {clash.path} was written with another configuration; re-run "
+                            "the study with --restart to replace it, or use another --out folder"
+                        ) from clash
+                    if key in replaced:
+                        raise
+                    replaced.add(key)
+                    log.warning("replacing group %r of %s, written with another configuration", clash.group,
+                                clash.path)
+                    delete_group(clash.path, clash.group)
+
+        return guarded
+
     def run(self) -> Path:
         """Run or resume the study; return the path of ``report.html``."""
         (self.folder / "config.toml").write_text(dump_toml(self.config))
         (self.folder / "tables").mkdir(exist_ok=True)
         started = time.perf_counter()
-        run_stages(self.stages(), self.manifest, progress=self.progress)
+        if any(stage.name not in self.manifest.done for stage in self.stages()):
+            self.check_data()
+        stages = [dataclasses.replace(stage, run=self._replacing_clashes(stage.run)) for stage in self.stages()]
+        run_stages(stages, self.manifest, progress=self.progress)
         log.info("study finished in %.0f s", time.perf_counter() - started)
         return self.folder / "report.html"
 

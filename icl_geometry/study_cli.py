@@ -70,7 +70,9 @@ def register(subparsers) -> None:
     parser.add_argument("config", nargs="?", help="TOML or YAML study file (default: the paper's set-up)")
     parser.add_argument("--out", help="output folder (default: icl-geometry-study, or icl-geometry-quick)")
     parser.add_argument("--quick", action="store_true", help="smoke run: sentiment only, 24 queries, 100 resamples")
-    parser.add_argument("--restart", action="store_true", help="redo every stage in --out (complete store groups of the same settings are reused)")
+    parser.add_argument("--restart", action="store_true",
+                        help="redo every stage in --out: store groups of the same settings are reused, groups "
+                             "written with other settings are replaced")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_study)

@@ -82,11 +82,12 @@ def test_table_is_tidy_over_all_groups_and_writes_csv(tiny_store, tmp_path):
     out = tmp_path / "t" / "m.csv"
     frame = table(tiny_store, out=out, n_boot=10, n_boot_separability=5, progress=False,
                   measures=["separability", "composite_alignment"])
-    assert list(frame.columns) == ["group", "layer", "measure", "value", "ci_low", "ci_high"]
+    assert list(frame.columns) == ["group", "layer", "measure", "value", "ci_low", "ci_high", "normalize_variance"]
     assert set(frame["group"]) == {"icl", "zero_shot", "topic"}
     accuracy = frame[frame["measure"] == "accuracy"]
     assert len(accuracy) == 3 and accuracy["layer"].isna().all()
-    assert out.read_text().startswith("group,layer,measure,value,ci_low,ci_high")
+    assert out.read_text().startswith("group,layer,measure,value,ci_low,ci_high,normalize_variance")
+    assert frame["normalize_variance"].all()
 
 
 def test_sweep_errors(tiny_store):
