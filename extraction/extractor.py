@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from extraction.architecture import final_norm_form
 from extraction.capture import LAYER_CONVENTION, run_with_capture
-from extraction.errors import PromptError, StoreError
+from extraction.errors import StoreError
 from extraction.interventions import (Batch, Intervention, as_interventions, intervening, refuse_active,
                                       stored_arrays)
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
-from extraction.prompts import PromptConfig, PromptSet, build_prompts, encode, label_token_ids
+from extraction.prompts import PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
 from extraction.store import GroupWriter, open_group
 from extraction.tasks import Task, load_task
 
@@ -162,12 +162,8 @@ def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray)
 
 def check_context(loaded: LoadedModel, prompts: PromptSet) -> None:
     """Refuse a prompt longer than the model's context before anything is written (the batches check it again)."""
-    limit = loaded.arch.max_context
     lengths = prompt_lengths(loaded, prompts, np.arange(len(prompts.prompts)))
-    if limit is not None and len(lengths) and int(lengths.max()) > limit:
-        worst = int(lengths.argmax())
-        raise PromptError(f"a prompt is {int(lengths[worst])} tokens, longer than the model's context of {limit} "
-                          f"(query index {prompts.prompts[worst].query_index}); use fewer shots or shorter texts")
+    check_lengths(lengths, prompts.prompts, loaded.arch.max_context)
 
 
 def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ SentencePiece tokenizer in legacy mode splits a lone " positive" into a bare 'â–
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -258,19 +259,24 @@ class Encoded:
     label_positions: list[list[int]]
 
 
+def check_lengths(lengths: np.ndarray, prompts: Sequence[Prompt], max_length: int | None) -> None:
+    """Refuse the longest of ``prompts`` (token ``lengths``, in the same order) if it exceeds ``max_length``."""
+    if max_length is None or not len(lengths) or int(lengths.max()) <= max_length:
+        return
+    worst = int(lengths.argmax())
+    raise PromptError(
+        f"a prompt is {int(lengths[worst])} tokens, longer than the model's context of {max_length} "
+        f"(query index {prompts[worst].query_index}); use fewer shots or shorter texts"
+    )
+
+
 def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> Encoded:
     """Tokenize with left padding; ``max_length`` (the model's context) turns an overlong prompt into an error."""
     if tokenizer.padding_side != "left":
         raise PromptError("the tokenizer must pad on the left so the query is the last position")
     batch = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt", return_offsets_mapping=True)
     mask = batch["attention_mask"]
-    lengths = mask.sum(dim=1)
-    if max_length is not None and int(lengths.max()) > max_length:
-        worst = int(lengths.argmax())
-        raise PromptError(
-            f"a prompt is {int(lengths[worst])} tokens, longer than the model's context of {max_length} "
-            f"(query index {prompts[worst].query_index}); use fewer shots or shorter texts"
-        )
+    check_lengths(mask.sum(dim=1).numpy(), prompts, max_length)
     positions = []
     for row, prompt in enumerate(prompts):
         offsets = batch["offset_mapping"][row].tolist()
