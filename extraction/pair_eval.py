@@ -3,9 +3,10 @@
 Batched greedy decoding with left padding; the first step is the plain next-token prediction at the final position.
 With interventions every step is one forward pass over the whole sequence so far (prompt and tokens written), with
 no key/value cache, so an intervention sees each step's full batch exactly as ``extract`` shows it one
-(:class:`~extraction.interventions.Batch`); without, later steps feed only the new token with the model's cache. A row stops at the end-of-sequence token or once its answer (the text written, leading whitespace
-dropped) contains a stop string: the task's separator or a newline. The answer is the text before the stop,
-stripped; it is exact when it equals the gold answer stripped.
+(:class:`~extraction.interventions.Batch`); without, later steps feed only the new token with the model's cache.
+A row stops at the end-of-sequence token or once its answer (the text written, leading whitespace dropped)
+contains a stop string: the task's separator or a newline. The answer is the text before the stop, stripped; it
+is exact when it equals the gold answer stripped.
 """
 
 from __future__ import annotations
@@ -188,7 +189,8 @@ class PairEvaluation:
         return float(np.mean(exact)) if exact else None
 
     def reading_accuracy(self) -> dict[str, dict[str, float | None]]:
-        """Per reading of an ambiguous task: the share of queries whose first token / whole answer it gives."""
+        """Per reading of an ambiguous task: the share of queries whose first token / whole answer it gives (when
+        two readings start with the same token, a first token that matches counts for both)."""
         names = self.results[0].readings_first if self.results else {}
         return {name: {"first_token": float(np.mean([r.readings_first[name] for r in self.results])),
                        "exact": float(np.mean([r.readings_exact[name] for r in self.results]))
@@ -228,7 +230,7 @@ def evaluate_pair_task(loaded: LoadedModel, task: str | PairTask, *, shots: int 
     gold = [answer_tokens(loaded.tokenizer, p) for p in prompts]
     readings = [{name: answer_tokens(loaded.tokenizer, p, value) for name, value in p.readings.items()}
                 for p in prompts]
-    longest = max(len(tokens) for row in [[g, *r.values()] for g, r in zip(gold, readings)] for tokens in row)
+    longest = max(len(tokens) for g, r in zip(gold, readings) for tokens in (g, *r.values()))
     steps = (max_new_tokens or longest + EXTRA_TOKENS) if generate else 1
     generations = greedy_generate(loaded, prompts, stops=stop_strings(task.separator), max_new_tokens=steps,
                                   interventions=interventions, batch_size=batch_size,

@@ -99,8 +99,9 @@ def pair_task_from_records(name: str, records: Sequence[Mapping], *, template: s
         raise TaskError(f"task {name!r} has no examples")
     missing = sorted({"input", "output"} - set(records[0]))
     if missing:
-        raise TaskError(f"task {name!r}: missing column(s) {', '.join(missing)} (found {', '.join(map(str, records[0]))});"
-                        " a pair task needs an 'input' and an 'output' column")
+        found = ", ".join(map(str, records[0]))
+        raise TaskError(f"task {name!r}: missing column(s) {', '.join(missing)} (found {found}); a pair task needs "
+                        "an 'input' and an 'output' column")
     inputs = tuple(_text(r["input"]) for r in records)
     outputs = tuple(_text(r["output"]) for r in records)
     if "split" in records[0]:

@@ -194,3 +194,17 @@ def test_an_answer_run_into_the_template_is_refused(real_tokenizer):
     with pytest.raises(AnswerTokenError, match="runs into the template text before it"):
         answer_tokens(real_tokenizer, _prompt(".yes", template="{input}:{output}"))  # ":." is one token
     assert answer_tokens(real_tokenizer, _prompt("yes", template="{input}: {output}"))
+
+
+def test_pair_files_ship_as_package_data():
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["extraction"]
+    folder = root / "extraction" / "data" / "pairs"
+    files = [str(path.relative_to(root / "extraction")) for path in folder.iterdir()]
+    assert {f"data/pairs/{name}.jsonl" for name in PAIR_TASKS} | {"data/pairs/README.md", "data/pairs/LICENSE"} \
+        == set(files)
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
