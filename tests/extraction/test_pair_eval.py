@@ -44,7 +44,7 @@ def hand_loop(loaded, text: str, steps: int) -> list[int]:
     return written
 
 
-@pytest.fixture(scope="module", params=["gemma3", "qwen2", "gpt2"])
+@pytest.fixture(scope="module", params=["gemma3", "qwen2", "gpt2", "mistral"])
 def tiny(request, tiny_model_dirs):
     return request.param, load_model(str(tiny_model_dirs[request.param]))
 
@@ -61,7 +61,8 @@ def test_cut_answer():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_greedy_generation_equals_a_hand_loop(tiny, batch_size):
     name, loaded = tiny
-    prompts = build_pair_prompts(task_for(name), shots=3, n=4, seed=2)
+    # 5 shots: prompts and answers run past the sliding windows of the tiny gemma3 (32) and mistral (16) models.
+    prompts = build_pair_prompts(task_for(name), shots=5, n=4, seed=2)
     made = greedy_generate(loaded, prompts, stops=(), max_new_tokens=5, batch_size=batch_size)
     for prompt, generation in zip(prompts, made):
         expected = hand_loop(loaded, prompt.text, 5)
@@ -73,7 +74,7 @@ def test_greedy_generation_equals_a_hand_loop(tiny, batch_size):
 
 def test_interventions_use_full_passes_that_equal_the_cached_ones(tiny):
     name, loaded = tiny
-    prompts = build_pair_prompts(task_for(name), shots=3, n=4, seed=2)
+    prompts = build_pair_prompts(task_for(name), shots=5, n=4, seed=2)
     noop = Injection(torch.zeros(loaded.arch.hidden_size), layer=0)  # forces the uncached path, changes nothing
     clean = greedy_generate(loaded, prompts, stops=(), max_new_tokens=4, batch_size=4, track=[[5, 7]] * 4)
     full = greedy_generate(loaded, prompts, stops=(), max_new_tokens=4, batch_size=4, track=[[5, 7]] * 4,
