@@ -29,6 +29,10 @@ class PromptError(ICLGeometryError):
     """A prompt cannot be built or does not fit the model."""
 
 
+class AnswerTokenError(ICLGeometryError):
+    """The answer of a string-to-string task cannot be read from the prompt's tokens (none, or run together)."""
+
+
 class StoreError(ICLGeometryError):
     """A store or group is missing, malformed, or holds a different configuration."""
 
