@@ -16,7 +16,8 @@ so alignment to them is measured on the read-out's hidden layer relu(W1 h + b1) 
 ||W2_A - W2_B||, singular, variance-based, mean-based and composite alignment are exactly [Y]'s definitions with
 W2's rows in the role of the unembedding rows E_y (the logit difference of labels A and B is d's projection up to
 the bias). That hidden layer is reported as one more entry of the ``layer`` dim, after the last block's output,
-with separability and effective dimension too; its ``site`` coordinate says ``readout hidden``. Alignment is NaN at
+with separability and effective dimension too. The ``site`` coordinate along ``layer`` names each entry:
+``embedding``, ``after block b``, ``readout hidden``. Alignment is NaN at
 the residual layers: W2's rows do not live there, and the MLP has no single direction per label in the residual
 stream (its local direction changes with the ReLU pattern of each query).
 
@@ -136,7 +137,7 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     y = _labels_per_seed(labels, H.sizes["seed"], H.sizes["example"])
     residual_measures = [m for m in chosen if m in STATE_MEASURES]
     layers = [int(layer) for layer in H["layer"].values]
-    sites = ["embedding"] + [f"block {layer - 1}" for layer in layers[1:]]
+    sites = ["embedding"] + [f"after block {layer - 1}" for layer in layers[1:]]
     if readout_rows is not None:
         rows = _as_array(readout_rows, ("seed", "class", "hidden"), "readout_rows").values
         inner = _as_array(hidden, ("step", "seed", "example", "hidden"), "hidden").values

@@ -50,7 +50,7 @@ def test_separability_rises_where_and_when_the_classes_separate():
     ci = result.sel(measure="effective_dimension")
     assert bool((ci["ci_low"] <= ci["ci_high"]).all())
     assert np.isnan(result["ci_low"].sel(measure="separability")).all()  # n_boot_separability = 0: no CI
-    assert list(result["site"].values) == ["embedding", "block 0", "block 1"]
+    assert list(result["site"].values) == ["embedding", "after block 0", "after block 1"]
 
 
 def test_alignment_is_measured_on_the_readout_hidden_layer():
