@@ -14,6 +14,12 @@ so Acc(t + w) must be defined between evaluations; ``method`` chooses how:
 
 A step t with t + w beyond the last evaluation cannot be judged and is never a boundary.
 
+**Noise.** The threshold is small: a held-out accuracy measured on n queries has a sampling s.d. of about
+sqrt(a(1 - a)/n) (0.022 at a = 0.5, n = 512), and the difference of two such evaluations then exceeds 0.025 by
+chance often, giving spurious boundaries on a flat curve. A fixed evaluation set lowers that noise (the same
+queries at every step), and ``smooth`` (an odd number of evaluations, default 1: off) applies the rule to a
+centred moving average of the curve (the window shrinks at the ends).
+
 **Transitions.** Consecutive boundary steps (adjacent in the list of evaluated steps) merge into one transition
 (start, end): start is its first boundary step; end is the first evaluated step at or after its last boundary
 step + w (the rise detected at the last boundary step is complete there), or the last evaluated step. Transitions
@@ -84,6 +90,14 @@ def check_curve(steps: Any, accuracy: Any) -> tuple[np.ndarray, np.ndarray]:
     return steps.astype(np.int64), accuracy
 
 
+def smoothed(accuracy: np.ndarray, smooth: int) -> np.ndarray:
+    """Centred moving average over ``smooth`` (odd) evaluations; the window shrinks at the ends."""
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, np.integer)) or smooth < 1 or smooth % 2 == 0:
+        raise MeasureError(f"smooth must be an odd number of evaluations >= 1 (1: no smoothing); got {smooth!r}")
+    kernel = np.ones(smooth)
+    return np.convolve(accuracy, kernel, "same") / np.convolve(np.ones(len(accuracy)), kernel, "same")
+
+
 def accuracy_ahead(steps: np.ndarray, accuracy: np.ndarray, window: int, method: str = "interpolate") -> np.ndarray:
     """Acc(t + window) at every evaluated step t (see the module doc for ``method``); NaN past the last evaluation."""
     if method not in METHODS:
@@ -98,12 +112,19 @@ def accuracy_ahead(steps: np.ndarray, accuracy: np.ndarray, window: int, method:
     return ahead
 
 
-def boundary_mask(steps: Any, accuracy: Any, *, window: int = 100, threshold: float = 0.025,
-                  method: str = "interpolate") -> np.ndarray:
-    """Per evaluated step t: whether Acc(t + window) - Acc(t) > threshold (False where it cannot be judged)."""
+def rises(steps: Any, accuracy: Any, *, window: int = 100, method: str = "interpolate",
+          smooth: int = 1) -> np.ndarray:
+    """Acc(t + window) - Acc(t) at every evaluated step t of the (smoothed) curve; NaN where it cannot be judged."""
     steps, accuracy = check_curve(steps, accuracy)
+    curve = smoothed(accuracy, smooth)
+    return accuracy_ahead(steps, curve, window, method) - curve
+
+
+def boundary_mask(steps: Any, accuracy: Any, *, window: int = 100, threshold: float = 0.025,
+                  method: str = "interpolate", smooth: int = 1) -> np.ndarray:
+    """Per evaluated step t: whether Acc(t + window) - Acc(t) > threshold (False where it cannot be judged)."""
     _check_rule(window, threshold)
-    rise = accuracy_ahead(steps, accuracy, window, method) - accuracy
+    rise = rises(steps, accuracy, window=window, method=method, smooth=smooth)
     return np.nan_to_num(rise, nan=-np.inf) > threshold
 
 
@@ -173,29 +194,27 @@ def as_curves(curves: Any, steps: Any = None) -> xr.DataArray:
 
 
 def detect_phases(accuracy: Any, steps: Any = None, *, window: int = 100, threshold: float = 0.025,
-                  method: str = "interpolate") -> xr.Dataset:
+                  method: str = "interpolate", smooth: int = 1) -> xr.Dataset:
     """Boundaries, transitions and the phase of every evaluated step, per seed (see the module doc).
 
-    ``accuracy`` is a DataArray (step[, seed]) or a numpy array with ``steps``. Returns a Dataset with, over
+    ``accuracy`` is a DataArray (step[, seed]) or a numpy array with ``steps``; ``smooth`` as in the module doc.
+    Returns a Dataset with, over
     (step, seed): ``accuracy``, ``rise`` (Acc(t + window) - Acc(t), NaN where it cannot be judged),
     ``boundary``, ``phase`` and ``in_transition``; over (seed, transition): ``transition_start`` and
     ``transition_end`` (NaN past a seed's last transition); ``n_transitions`` (seed). The attrs record the rule.
     """
     curves = as_curves(accuracy, steps)
     _check_rule(window, threshold)
-    if method not in METHODS:
-        raise MeasureError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     step_values = curves["step"].values
     shape = curves.shape
     rise, boundary = np.full(shape, np.nan), np.zeros(shape, bool)
     phase, inside = np.zeros(shape, np.int64), np.zeros(shape, bool)
     spans: list[list[Transition]] = []
     for j in range(shape[1]):
-        s, acc = check_curve(step_values, curves.values[:, j])
-        rise[:, j] = accuracy_ahead(s, acc, window, method) - acc
+        rise[:, j] = rises(step_values, curves.values[:, j], window=window, method=method, smooth=smooth)
         boundary[:, j] = np.nan_to_num(rise[:, j], nan=-np.inf) > threshold
-        spans.append(transitions(s, boundary[:, j], window))
-        phase[:, j], inside[:, j] = locate(s, spans[-1])
+        spans.append(transitions(step_values, boundary[:, j], window))
+        phase[:, j], inside[:, j] = locate(step_values, spans[-1])
     width = max((len(found) for found in spans), default=0)
     starts, ends = np.full((shape[1], width), np.nan), np.full((shape[1], width), np.nan)
     for j, found in enumerate(spans):
@@ -208,7 +227,7 @@ def detect_phases(accuracy: Any, steps: Any = None, *, window: int = 100, thresh
          "transition_start": (("seed", "transition"), starts), "transition_end": (("seed", "transition"), ends),
          "n_transitions": ("seed", np.array([len(found) for found in spans]))},
         coords={"step": step_values, "seed": curves["seed"].values, "transition": np.arange(width)},
-        attrs={"window": int(window), "threshold": float(threshold), "method": method,
+        attrs={"window": int(window), "threshold": float(threshold), "method": method, "smooth": int(smooth),
                "rule": "boundary where Acc(t + window) - Acc(t) > threshold"},
     )
 

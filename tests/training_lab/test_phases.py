@@ -46,6 +46,18 @@ def test_noise_below_the_threshold_makes_no_boundary():
     assert not boundary_mask(steps, flat).any()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_smoothing_removes_spurious_boundaries_of_evaluation_noise(seed):
+    steps = np.arange(0, 10_001, 10)
+    noisy = three_phase(steps) + np.random.default_rng(seed).normal(0, 0.02, len(steps))
+    assert len(seed_transitions(detect_phases(noisy, steps), 0)) > 2
+    smooth = detect_phases(noisy, steps, smooth=15)
+    first, second = seed_transitions(smooth, 0)  # smoothing over 150 steps starts the rises a little earlier
+    assert 1800 <= first.start < 2000 <= 2200 <= first.end < 2400
+    assert 5800 <= second.start < 6000 <= 6200 <= second.end < 6400
+    assert smooth.attrs["smooth"] == 15
+
+
 def test_window_and_threshold_are_parameters():
     steps = np.arange(0, 10_001, 10)
     slow = ramp(steps, 2000, 4000, 0.2, 0.8)  # 0.015 per 100 steps
@@ -107,6 +119,8 @@ def test_bad_curves_are_refused(steps, acc, message):
 def test_bad_rule_is_refused():
     with pytest.raises(MeasureError, match="window"):
         detect_phases(np.zeros(3), np.arange(3), window=0)
+    with pytest.raises(MeasureError, match="smooth"):
+        detect_phases(np.zeros(3), np.arange(3), smooth=2)
     with pytest.raises(MeasureError, match="method"):
         detect_phases(np.zeros(3), np.arange(3), method="closest")
 
