@@ -24,8 +24,9 @@ stream (its local direction changes with the ReLU pattern of each query).
 **Cost and CIs.** One probe fit per (step, seed, layer); separability's CI needs ``n_boot_separability`` more
 fits each (default 0: NaN CI). The other measures are bootstrapped cheaply (``n_boot`` resamples, 95% percentile
 intervals over queries, stratified by label). Singular alignment solves an eigenproblem per label pair and
-resample (496 pairs for L = 32: about 2 s per step and seed with 100 resamples on this 2-core CPU), so it is not in
-the default set; ask for it by name.
+resample, so it is not in the default set; ask for it by name. Measured on this 2-core CPU for one (step, seed)
+with 512 queries, L = 32 labels, width 128, three residual layers and the read-out's hidden layer, 100
+resamples: the default set 1.3 s, singular alignment alone 3.5 s more.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ READOUT_SITE = "readout hidden"
 
 
 def _as_array(values: Any, dims: Sequence[str], what: str) -> xr.DataArray:
-    """``values`` as a DataArray with exactly ``dims`` (numpy arrays take them in that order)."""
+    """``values`` as a DataArray with exactly ``dims`` (numpy arrays take them in that order). Where ``hidden``
+    is expected, a DataArray's ``dim`` (the run store's name for a vector axis) is taken as it."""
     if isinstance(values, xr.DataArray):
+        if "hidden" in dims and "dim" in values.dims and "dim" not in dims:
+            values = values.rename(dim="hidden")
         if set(values.dims) != set(dims):
             raise MeasureError(f"{what} must have dims {tuple(dims)}; got {values.dims}")
         return values.transpose(*dims)

@@ -55,6 +55,8 @@ def test_separability_rises_where_and_when_the_classes_separate():
 
 def test_alignment_is_measured_on_the_readout_hidden_layer():
     rows, hidden = readout(aligned_from=2)
+    rows = xr.DataArray(rows, dims=("seed", "class", "dim"))  # the run store's names
+    hidden = xr.DataArray(hidden, dims=("step", "seed", "example", "hidden"))
     result = geometry_over_training(states(1), LABELS, readout_rows=rows, hidden=hidden, n_boot=20)
     assert list(result["layer"].values) == [0, 1, 2, 3]
     assert str(result["site"].sel(layer=3).values) == "readout hidden"
