@@ -16,9 +16,12 @@ A step t with t + w beyond the last evaluation cannot be judged and is never a b
 
 **Noise.** The threshold is small: a held-out accuracy measured on n queries has a sampling s.d. of about
 sqrt(a(1 - a)/n) (0.022 at a = 0.5, n = 512), and the difference of two such evaluations then exceeds 0.025 by
-chance often, giving spurious boundaries on a flat curve. A fixed evaluation set lowers that noise (the same
-queries at every step), and ``smooth`` (an odd number of evaluations, default 1: off) applies the rule to a
-centred moving average of the curve (the window shrinks at the ends).
+chance often, giving spurious boundaries on a flat curve. On a synthetic two-rise curve evaluated every 10 steps,
+Gaussian noise of s.d. 0.01 gave about 25 transitions instead of 2. A fixed evaluation set removes the
+query-sampling part of that noise (the same queries at every step), and ``smooth`` (an odd number of evaluations,
+default 1: off, as [M]) applies the rule to a centred moving average of the curve (the window shrinks at the
+ends): 5 evaluations recovered the 2 transitions at s.d. 0.01, 15 at s.d. 0.02. Smoothing starts a transition
+up to about half its window earlier.
 
 **Transitions.** Consecutive boundary steps (adjacent in the list of evaluated steps) merge into one transition
 (start, end): start is its first boundary step; end is the first evaluated step at or after its last boundary
