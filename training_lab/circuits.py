@@ -14,10 +14,12 @@ In code positions are 0-based, so item k (k = 1..N) is at 2k - 2, its label at 2
 labels are the odd positions 1, 3, .., 2N - 1 and the items the even positions 0, 2, .., 2N - 2.
 
 Inputs are post-softmax patterns (every row sums to 1; causal, though causality is not required) as an xarray
-``DataArray`` with dims ``query`` and ``key`` among others (the run store's order is (step, seed, block, example,
-query, key)), or a numpy array (or anything ``numpy.asarray`` takes, torch tensors included) whose axes are the
-last ones of that order: a 2-D array is (query, key), a 3-D one (example, query, key), a 6-D one the full order.
-The metrics are averaged over ``example`` unless ``per_example=True``.
+``DataArray`` with dims ``query`` and ``key`` among others (the run store's order is (step, seed, block, head,
+example, query, key); its per-step ``mean_pattern`` lacks ``example``), or a numpy array (or anything
+``numpy.asarray`` takes, torch tensors included) whose axes are the last ones of that order: a 2-D array is
+(query, key), a 3-D one (example, query, key), a 7-D one the full order. The metrics are averaged over ``example``
+unless ``per_example=True``; as they are linear in the pattern, the metrics of the example-mean pattern equal the
+mean of the examples' metrics. Other dims (``head`` included) are kept.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from geometry.errors import MeasureError
 from geometry.validation import to_numpy
 
 #: The run store's dims of attention patterns, in order.
-PATTERN_DIMS = ("step", "seed", "block", "example", "query", "key")
+PATTERN_DIMS = ("step", "seed", "block", "head", "example", "query", "key")
 #: The metrics, in output order.
 METRICS = ("bigram", "label_attention", "chunk_example")
 #: How far a row's sum may stray from 1 before the patterns are refused as not post-softmax.
@@ -101,6 +103,16 @@ def circuit_metrics(patterns: Any, *, per_example: bool = False, dims: Sequence[
     metrics.attrs.update(n_pairs=n, positions="0-based: item k at 2k-2, label k at 2k-1, query at 2N",
                          averaged_over_examples=bool(not per_example and "example" in p.dims))
     return metrics
+
+
+def single_head(array: xr.DataArray | xr.Dataset) -> xr.DataArray | xr.Dataset:
+    """Drop a ``head`` dim of size 1 ([M]'s model has one head per layer); several heads must be chosen first."""
+    if "head" not in array.dims:
+        return array
+    if array.sizes["head"] != 1:
+        raise MeasureError(f"the circuits are defined for one head per block; these have {array.sizes['head']} "
+                           "heads: pick one with .sel(head=h)")
+    return array.isel(head=0, drop=True)
 
 
 def query_shares(metrics: xr.Dataset) -> xr.Dataset:

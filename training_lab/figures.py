@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from geometry.errors import MeasureError
 from geometry.plots import FORMATS, LABELS, save
-from training_lab.circuits import METRICS, as_patterns
+from training_lab.circuits import METRICS, as_patterns, single_head
 from training_lab.phases import as_curves, phase_starts, seed_transitions
 
 METRIC_TITLES = {"bigram": "Bigram (query on itself)", "label_attention": "Label attention (query on labels)",
@@ -99,6 +99,7 @@ def plot_training_curves(accuracy: Any, out_dir: str | Path, *, loss: Any = None
 def plot_circuit_metrics(metrics: xr.Dataset, out_dir: str | Path, *, phases: xr.Dataset | None = None,
                          name: str = "circuit_metrics", formats: Sequence[str] = FORMATS) -> list[Path]:
     """[M]'s three metrics (rows) of every block (columns) against step, one line per seed, transitions shaded."""
+    metrics = single_head(metrics)
     missing = [d for d in ("step", "block") if d not in metrics.dims]
     if missing:
         raise MeasureError(f"the circuit metrics lack the dims {missing}; compute them per step and block")
@@ -133,7 +134,7 @@ def plot_attention_maps(patterns: Any, phases: xr.Dataset, out_dir: str | Path, 
                         formats: Sequence[str] = FORMATS) -> list[Path]:
     """One seed's attention pattern of every block (columns), averaged over examples, at the start of each phase
     (rows): the first stored pattern step at or after the phase's first step (else the last stored step)."""
-    p = as_patterns(patterns)
+    p = single_head(as_patterns(patterns))
     missing = [d for d in ("step", "block") if d not in p.dims]
     if missing:
         raise MeasureError(f"attention patterns for maps need the dims {missing}; they have {p.dims}")

@@ -11,8 +11,9 @@ separability (a logistic probe's held-out accuracy on the query's label) and eff
 Directional alignment needs class directions in the space of the states. [M]'s read-out is not an unembedding:
 it is a two-layer ReLU MLP, logits = W2 relu(W1 h + b1) + b2, applied to the final residual state h. The rows of
 its last linear layer W2 (one per label) are directions in the MLP's *hidden* space, not in the residual stream,
-so alignment to them is measured on the read-out's hidden layer relu(W1 h + b1) (computed by
-:func:`readout_hidden` from the first layer's weights, or given as stored): with d = (W2_A - W2_B) /
+so alignment to them is measured on the read-out's hidden layer relu(W1 h + b1) (the model's hook point
+``readout.hidden``; or computed by :func:`readout_hidden` from the first layer's weights), against the rows of
+the same step (the read-out trains too): with d = (W2_A - W2_B) /
 ||W2_A - W2_B||, singular, variance-based, mean-based and composite alignment are exactly [Y]'s definitions with
 W2's rows in the role of the unembedding rows E_y (the logit difference of labels A and B is d's projection up to
 the bias). That hidden layer is reported as one more entry of the ``layer`` dim, after the last block's output,
@@ -52,11 +53,12 @@ READOUT_SITE = "readout hidden"
 
 
 def _as_array(values: Any, dims: Sequence[str], what: str) -> xr.DataArray:
-    """``values`` as a DataArray with exactly ``dims`` (numpy arrays take them in that order). Where ``hidden``
-    is expected, a DataArray's ``dim`` (the run store's name for a vector axis) is taken as it."""
+    """``values`` as a DataArray with exactly ``dims`` (numpy arrays take them in that order). Where ``unit`` (a
+    read-out hidden unit) is expected, a DataArray's ``hidden`` or ``dim`` is taken as it."""
     if isinstance(values, xr.DataArray):
-        if "hidden" in dims and "dim" in values.dims and "dim" not in dims:
-            values = values.rename(dim="hidden")
+        for alias in ("hidden", "dim"):
+            if "unit" in dims and alias in values.dims and alias not in dims and "unit" not in values.dims:
+                values = values.rename({alias: "unit"})
         if set(values.dims) != set(dims):
             raise MeasureError(f"{what} must have dims {tuple(dims)}; got {values.dims}")
         return values.transpose(*dims)
@@ -64,6 +66,17 @@ def _as_array(values: Any, dims: Sequence[str], what: str) -> xr.DataArray:
     if array.ndim != len(dims):
         raise MeasureError(f"{what} must be a {len(dims)}-D array {tuple(dims)}; got shape {array.shape}")
     return xr.DataArray(array, dims=tuple(dims))
+
+
+def _per_step(values: Any, dims: Sequence[str], n_steps: int, what: str) -> np.ndarray:
+    """An array with a leading ``step`` dim, or without one (the same at every step: broadcast)."""
+    with_step = ("step", *dims)
+    named = isinstance(values, xr.DataArray) and "step" in values.dims
+    array = _as_array(values, with_step if named or to_numpy(values).ndim == len(with_step) else dims, what).values
+    array = array if array.ndim == len(with_step) else np.broadcast_to(array, (n_steps, *array.shape))
+    if array.shape[0] != n_steps:
+        raise MeasureError(f"{what} has {array.shape[0]} steps but the states have {n_steps}")
+    return array
 
 
 def _with_index(array: xr.DataArray, dim: str, values: Any = None) -> xr.DataArray:
@@ -76,20 +89,21 @@ def _with_index(array: xr.DataArray, dim: str, values: Any = None) -> xr.DataArr
 
 
 def readout_hidden(final_states: Any, weight: Any, bias: Any = None) -> xr.DataArray:
-    """The read-out MLP's hidden layer relu(W1 h + b1) of the final residual states.
+    """The read-out MLP's hidden layer relu(h W_1 + b_1) of the final residual states h.
 
-    ``final_states`` (step, seed, example, dim), ``weight`` W1 (seed, hidden, dim) as torch stores a linear layer,
-    ``bias`` b1 (seed, hidden) or None. Returns (step, seed, example, hidden).
+    ``final_states`` (step, seed, example, dim); ``weight`` W_1 as the lab's model keeps it (``readout.W_1``),
+    (seed, dim, unit), or (step, seed, dim, unit) for one per step; ``bias`` b_1 (seed, unit) or (step, seed,
+    unit), or None. Returns (step, seed, example, unit).
     """
     h = _as_array(final_states, ("step", "seed", "example", "dim"), "final_states")
-    w = _as_array(weight, ("seed", "hidden", "dim"), "the read-out's first weight")
-    if w.sizes["dim"] != h.sizes["dim"] or w.sizes["seed"] != h.sizes["seed"]:
-        raise MeasureError(f"the read-out's first weight {dict(w.sizes)} does not fit the states {dict(h.sizes)}")
-    pre = np.einsum("tsed,shd->tseh", h.values.astype(np.float64), w.values.astype(np.float64))
+    w = _per_step(weight, ("seed", "dim", "unit"), h.sizes["step"], "the read-out's first weight")
+    if w.shape[1:3] != (h.sizes["seed"], h.sizes["dim"]):
+        raise MeasureError(f"the read-out's first weight {w.shape[1:]} does not fit the states {dict(h.sizes)}")
+    pre = np.einsum("tsed,tsdu->tseu", h.values.astype(np.float64), w.astype(np.float64))
     if bias is not None:
-        pre = pre + _as_array(bias, ("seed", "hidden"), "the read-out's first bias").values[None, :, None, :]
+        pre = pre + _per_step(bias, ("seed", "unit"), h.sizes["step"], "the read-out's first bias")[:, :, None, :]
     coords = {d: h.coords[d] for d in ("step", "seed", "example") if d in h.coords}
-    return xr.DataArray(np.maximum(pre, 0.0), dims=("step", "seed", "example", "hidden"), coords=coords)
+    return xr.DataArray(np.maximum(pre, 0.0), dims=("step", "seed", "example", "unit"), coords=coords)
 
 
 def _labels_per_seed(labels: Any, n_seed: int, n_example: int) -> np.ndarray:
@@ -111,18 +125,19 @@ def _group(hidden: np.ndarray, labels: np.ndarray, layers: Sequence[int], rows: 
     return xr.Dataset(variables, coords={"layer": list(layers)})
 
 
-def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None, hidden: Any = None,
-                           measures: Sequence[str] = DEFAULT_MEASURES, steps: Any = None, n_boot: int = 100,
-                           n_boot_separability: int = 0, seed: int = 0, test_size: float = 0.5,
-                           cv: int | None = None) -> xr.Dataset:
+def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None,
+                           readout_hidden_states: Any = None, measures: Sequence[str] = DEFAULT_MEASURES,
+                           steps: Any = None, n_boot: int = 100, n_boot_separability: int = 0, seed: int = 0,
+                           test_size: float = 0.5, cv: int | None = None) -> xr.Dataset:
     """Every requested measure at every layer, stored step and seed: a Dataset with ``value``, ``ci_low`` and
     ``ci_high`` over (step, seed, layer, measure).
 
     ``states``: the query's residual states (step, seed, layer, example, dim) (a numpy array in that order, with
     ``steps`` naming its steps); ``labels``: the query's label, (example,) or (seed, example). With
-    ``readout_rows`` (seed, class, hidden), the rows of the read-out's last linear layer, and ``hidden`` (step,
-    seed, example, hidden), the read-out's hidden layer (see :func:`readout_hidden`), one more layer holds the
-    read-out's hidden layer and the alignment measures are computed there (see the module doc). ``n_boot``,
+    ``readout_rows``, the rows of the read-out's last linear layer (step, seed, class, unit) as the run store
+    keeps them (or (seed, class, unit): the same at every step), and ``readout_hidden_states`` (step, seed,
+    example, unit), the read-out's hidden layer (see :func:`readout_hidden`), one more layer holds the read-out's
+    hidden layer and the alignment measures are computed there (see the module doc). ``n_boot``,
     ``n_boot_separability``, ``seed``, ``test_size`` and ``cv`` are the sweep's (:func:`geometry.sweep.measure`).
     """
     chosen = tuple(measures)
@@ -131,38 +146,41 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
         raise MeasureError(f"unknown measure {', '.join(map(repr, unknown))}; choose from "
                            f"{', '.join(STATE_MEASURES + ALIGNMENT_MEASURES)}")
     aligned = [m for m in chosen if m in ALIGNMENT_MEASURES]
-    if (readout_rows is None) != (hidden is None):
-        raise MeasureError("pass both readout_rows and hidden (the read-out's hidden layer), or neither")
-    if aligned and readout_rows is None:
+    readout = readout_rows is not None
+    if readout != (readout_hidden_states is not None):
+        raise MeasureError("pass both readout_rows and readout_hidden_states (the read-out's hidden layer), or "
+                           "neither")
+    if aligned and not readout:
         raise MeasureError(f"{', '.join(aligned)} need the read-out's rows and hidden layer: pass readout_rows= and "
-                           "hidden= (see readout_hidden), or leave the alignment measures out")
+                           "readout_hidden_states= (see readout_hidden), or leave the alignment measures out")
     H = _with_index(_with_index(_as_array(states, STATE_DIMS, "states"), "step", steps), "seed")
     H = _with_index(H, "layer")
-    y = _labels_per_seed(labels, H.sizes["seed"], H.sizes["example"])
+    n_steps, n_seeds, n_layers = H.sizes["step"], H.sizes["seed"], H.sizes["layer"]
+    y = _labels_per_seed(labels, n_seeds, H.sizes["example"])
     residual_measures = [m for m in chosen if m in STATE_MEASURES]
     layers = [int(layer) for layer in H["layer"].values]
     sites = ["embedding"] + [f"after block {layer - 1}" for layer in layers[1:]]
-    if readout_rows is not None:
-        rows = _as_array(readout_rows, ("seed", "class", "hidden"), "readout_rows").values
-        inner = _as_array(hidden, ("step", "seed", "example", "hidden"), "hidden").values
-        if inner.shape[:3] != (H.sizes["step"], H.sizes["seed"], H.sizes["example"]) or rows.shape[0] != H.sizes[
-                "seed"] or rows.shape[2] != inner.shape[3]:
-            raise MeasureError(f"hidden {inner.shape} and readout_rows {rows.shape} do not fit the states "
-                               f"{tuple(H.shape)}: same steps, seeds and examples, and one hidden width")
+    if readout:
+        rows = _per_step(readout_rows, ("seed", "class", "unit"), n_steps, "readout_rows")
+        inner = _as_array(readout_hidden_states, ("step", "seed", "example", "unit"), "readout_hidden_states").values
+        if inner.shape[:3] != (n_steps, n_seeds, H.sizes["example"]) or rows.shape[1] != n_seeds or rows.shape[
+                3] != inner.shape[3]:
+            raise MeasureError(f"readout_hidden_states {inner.shape} and readout_rows {rows.shape} do not fit the "
+                               f"states {tuple(H.shape)}: same steps, seeds and examples, and one hidden width")
         layers, sites = layers + [layers[-1] + 1], sites + [READOUT_SITE]
     sweep = dict(n_boot=n_boot, n_boot_separability=n_boot_separability, seed=seed, test_size=test_size, cv=cv,
                  progress=False, parallel="serial")
-    table = np.full((3, H.sizes["step"], H.sizes["seed"], len(layers), len(chosen)), np.nan)
+    table = np.full((3, n_steps, n_seeds, len(layers), len(chosen)), np.nan)
     order = {name: j for j, name in enumerate(chosen)}
     values = H.values
-    for t in range(H.sizes["step"]):
-        for s in range(H.sizes["seed"]):
+    for t in range(n_steps):
+        for s in range(n_seeds):
             parts = []
             if residual_measures:
-                group = _group(values[t, s], y[s], layers[:H.sizes["layer"]], None)
-                parts.append((measure(group, "residual", residual_measures, **sweep), slice(0, H.sizes["layer"])))
-            if readout_rows is not None:
-                group = _group(inner[t, s][None], y[s], [layers[-1]], rows[s])
+                group = _group(values[t, s], y[s], layers[:n_layers], None)
+                parts.append((measure(group, "residual", residual_measures, **sweep), slice(0, n_layers)))
+            if readout:
+                group = _group(inner[t, s][None], y[s], [layers[-1]], rows[t, s])
                 parts.append((measure(group, READOUT_SITE, chosen, **sweep), slice(len(layers) - 1, None)))
             for result, where in parts:
                 columns = [order[m] for m in result["measure"].values]

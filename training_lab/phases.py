@@ -60,7 +60,7 @@ import xarray as xr
 
 from geometry.errors import MeasureError
 from geometry.validation import to_numpy
-from training_lab.circuits import query_shares
+from training_lab.circuits import query_shares, single_head
 
 METHODS = ("interpolate", "next")
 #: The circuit names, in the order [M] finds them, then the name for none of them.
@@ -253,7 +253,9 @@ def phase_starts(phases: xr.Dataset, seed: Any) -> list[int]:
 def classify_circuit(metrics: xr.Dataset, *, label_threshold: float = 0.6,
                      chunk_threshold: float = 0.6) -> xr.DataArray:
     """The circuit named by the rules of the module doc, for every entry of ``metrics`` (the Dataset of
-    :func:`training_lab.circuits.circuit_metrics`, with a ``block`` dim); the result drops ``block``."""
+    :func:`training_lab.circuits.circuit_metrics`, with a ``block`` dim and at most one head); the result drops
+    ``block`` (and ``head``)."""
+    metrics = single_head(metrics)
     if "block" not in metrics.dims:
         raise MeasureError(f"the circuit metrics need a block dim; they have {tuple(metrics.dims)}")
     first = metrics.isel(block=0, drop=True)
@@ -278,6 +280,7 @@ def phase_circuits(metrics: xr.Dataset, phases: xr.Dataset, *, label_threshold: 
     (seed, phase): ``circuit`` (:data:`UNMEASURED` for a phase without measured steps, "" past a seed's last phase),
     ``n_steps`` and ``phase_start``; and the mean metrics over (seed, phase, block).
     """
+    metrics = single_head(metrics)
     missing = [d for d in ("step", "seed", "block") if d not in metrics.dims]
     if missing:
         raise MeasureError(f"the circuit metrics lack the dims {missing}; compute them per step, seed and block")

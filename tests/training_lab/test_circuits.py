@@ -7,7 +7,7 @@ import pytest
 import xarray as xr
 
 from geometry.errors import MeasureError
-from training_lab.circuits import circuit_metrics, query_shares
+from training_lab.circuits import circuit_metrics, query_shares, single_head
 
 N = 4
 SIZE = 2 * N + 1  # positions 0..8: items 0, 2, 4, 6; labels 1, 3, 5, 7; query 8
@@ -66,21 +66,31 @@ def test_uniform_pattern_values():
 def test_store_layout_is_averaged_over_examples_per_block_step_seed():
     labels = with_rows({8: {1: 0.5, 3: 0.5}})
     self_ = with_rows({8: {8: 1.0}})
-    p = np.empty((2, 3, 2, 2, SIZE, SIZE))  # step, seed, block, example, query, key
+    p = np.empty((2, 3, 2, 1, 2, SIZE, SIZE))  # step, seed, block, head, example, query, key
     p[...] = self_
-    p[1, :, 0, 0] = labels  # at step 1, block 0, example 0 attends to labels: half of the examples
-    da = xr.DataArray(p, dims=("step", "seed", "block", "example", "query", "key"),
+    p[1, :, 0, 0, 0] = labels  # at step 1, block 0, example 0 attends to labels: half of the examples
+    da = xr.DataArray(p, dims=("step", "seed", "block", "head", "example", "query", "key"),
                       coords={"step": [10, 20], "seed": [0, 1, 2]})
-    m = circuit_metrics(da)
+    m = single_head(circuit_metrics(da))
     assert m["label_attention"].dims == ("step", "seed", "block")
     assert list(m["step"].values) == [10, 20]
     assert float(m["label_attention"].sel(step=20, seed=1, block=0)) == pytest.approx(0.5)
     assert float(m["label_attention"].sel(step=20, block=1).max()) == 0.0
     assert float(m["bigram"].sel(step=10).min()) == 1.0
     per = circuit_metrics(p, per_example=True)  # numpy in the store's order gives the same dims
-    assert per["label_attention"].dims == ("step", "seed", "block", "example")
-    assert float(per["label_attention"][1, 0, 0, 0]) == pytest.approx(1.0)
-    assert float(per["label_attention"][1, 0, 0, 1]) == 0.0
+    assert per["label_attention"].dims == ("step", "seed", "block", "head", "example")
+    assert float(per["label_attention"][1, 0, 0, 0, 0]) == pytest.approx(1.0)
+    assert float(per["label_attention"][1, 0, 0, 0, 1]) == 0.0
+    # The store's per-step mean pattern (no example dim) gives the same metrics: they are linear in p.
+    mean = circuit_metrics(da.mean("example"))
+    assert np.allclose(mean["label_attention"], circuit_metrics(da)["label_attention"])
+
+
+def test_several_heads_must_be_chosen_first():
+    p = xr.DataArray(np.tile(causal_uniform(), (2, 1, 1)), dims=("head", "query", "key"))
+    with pytest.raises(MeasureError, match="one head"):
+        single_head(circuit_metrics(p))
+    assert "head" not in single_head(circuit_metrics(p.isel(head=[1]))).dims
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -45,9 +45,9 @@ def run():
     loss = -np.log(curves.clip(0.05, 0.99))
     circuit_at = {0: "bigram", 100: "bigram", 1000: "bigram", 3000: "label_attention", 5000: "label_attention",
                   7000: "chunk_example", 9000: "chunk_example"}
-    patterns = np.stack([pattern(circuit_at[s]) for s in STORED])  # (step, block, query, key)
-    patterns = np.broadcast_to(patterns[:, None, :, None], (len(STORED), 2, 2, 3, SIZE, SIZE))
-    patterns = xr.DataArray(patterns, dims=("step", "seed", "block", "example", "query", "key"),
+    patterns = np.stack([pattern(circuit_at[s]) for s in STORED])  # (step, block, query, key); the store adds a head
+    patterns = np.broadcast_to(patterns[:, None, :, None, None], (len(STORED), 2, 2, 1, 3, SIZE, SIZE))
+    patterns = xr.DataArray(patterns, dims=("step", "seed", "block", "head", "example", "query", "key"),
                             coords={"step": STORED, "seed": seeds})
     phases = detect_phases(curves, method="next")
     metrics = circuit_metrics(patterns)

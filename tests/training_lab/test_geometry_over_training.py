@@ -27,10 +27,10 @@ def states(separable_from: int) -> xr.DataArray:
 
 
 def readout(aligned_from: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows e_c of the last linear layer (seed, class, hidden) and hidden layers (step, seed, example, hidden)
+    """Rows e_c of the last linear layer (step, seed, class, unit) and hidden layers (step, seed, example, unit)
     that lean towards their own label's row from step index ``aligned_from`` on."""
     rng = np.random.default_rng(1)
-    rows = np.tile(np.eye(CLASSES, DIM), (2, 1, 1))
+    rows = np.tile(np.eye(CLASSES, DIM), (len(STEPS), 2, 1, 1))
     hidden = np.abs(rng.normal(size=(len(STEPS), 2, len(LABELS), DIM)))
     hidden[aligned_from:] += 5 * np.eye(CLASSES, DIM)[LABELS]
     return rows, hidden
@@ -55,9 +55,9 @@ def test_separability_rises_where_and_when_the_classes_separate():
 
 def test_alignment_is_measured_on_the_readout_hidden_layer():
     rows, hidden = readout(aligned_from=2)
-    rows = xr.DataArray(rows, dims=("seed", "class", "dim"))  # the run store's names
-    hidden = xr.DataArray(hidden, dims=("step", "seed", "example", "hidden"))
-    result = geometry_over_training(states(1), LABELS, readout_rows=rows, hidden=hidden, n_boot=20)
+    rows = xr.DataArray(rows, dims=("step", "seed", "class", "unit"))  # the run store's names
+    hidden = xr.DataArray(hidden, dims=("step", "seed", "example", "unit"))
+    result = geometry_over_training(states(1), LABELS, readout_rows=rows, readout_hidden_states=hidden, n_boot=20)
     assert list(result["layer"].values) == [0, 1, 2, 3]
     assert str(result["site"].sel(layer=3).values) == "readout hidden"
     mean = result["value"].sel(measure="mean_alignment")
@@ -76,9 +76,19 @@ def test_numpy_states_and_per_seed_labels():
 
 def test_readout_hidden_is_relu_of_the_first_layer():
     h = np.array([[[[1.0, -2.0]]]])  # one step, seed, example; dim 2
-    weight = np.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])  # (seed, hidden 3, dim 2)
+    weight = np.array([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]])  # (seed, dim 2, unit 3), as the lab's readout.W_1
     bias = np.array([[0.5, 0.0, 0.0]])
     assert readout_hidden(h, weight, bias).values.ravel().tolist() == [1.5, 0.0, 0.0]
+    per_step = readout_hidden(h, weight[None], bias[None])  # (step, seed, dim, unit) weights
+    assert per_step.dims == ("step", "seed", "example", "unit")
+    assert per_step.values.ravel().tolist() == [1.5, 0.0, 0.0]
+
+
+def test_rows_without_a_step_dim_serve_every_step():
+    rows, hidden = readout(aligned_from=2)
+    shared = geometry_over_training(states(1), LABELS, readout_rows=rows[0], readout_hidden_states=hidden,
+                                    measures=("mean_alignment",), n_boot=0)
+    assert float(shared["value"].sel(layer=3, step=1000).min()) > 3
 
 
 def test_alignment_without_the_readout_is_refused():
@@ -86,6 +96,6 @@ def test_alignment_without_the_readout_is_refused():
         geometry_over_training(states(0), LABELS, measures=("mean_alignment",))
     rows, hidden = readout(0)
     with pytest.raises(MeasureError, match="do not fit"):
-        geometry_over_training(states(0), LABELS, readout_rows=rows, hidden=hidden[:, :, :10])
+        geometry_over_training(states(0), LABELS, readout_rows=rows, readout_hidden_states=hidden[:, :, :10])
     with pytest.raises(MeasureError, match="unknown measure"):
         geometry_over_training(states(0), LABELS, measures=("output_alignment",))
