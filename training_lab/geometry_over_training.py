@@ -22,6 +22,12 @@ with separability and effective dimension too. The ``site`` coordinate along ``l
 the residual layers: W2's rows do not live there, and the MLP has no single direction per label in the residual
 stream (its local direction changes with the ReLU pattern of each query).
 
+**Rare labels.** Separability splits the queries of every label into a training and a held-out part (stratified),
+so a label needs at least two queries (``cv`` of them with ``cv``-fold cross-validation). A snapshot's labels are
+not balanced (on a quick run, 256 queries over 16 labels had a label with one query), so queries whose label has
+fewer than ``min_per_label`` (default: that minimum) are left out of every measure, per seed; ``n_examples``
+(seed) and ``n_labels`` (seed) in the result say how many queries and labels were measured.
+
 **Cost and CIs.** One probe fit per (step, seed, layer); separability's CI needs ``n_boot_separability`` more
 fits each (default 0: NaN CI). The other measures are bootstrapped cheaply (``n_boot`` resamples, 95% percentile
 intervals over queries, stratified by label). Singular alignment solves an eigenproblem per label pair and
@@ -117,6 +123,12 @@ def _labels_per_seed(labels: Any, n_seed: int, n_example: int) -> np.ndarray:
     return array
 
 
+def _common_labels(labels: np.ndarray, minimum: int) -> np.ndarray:
+    """Which queries have a label with at least ``minimum`` queries (the rest cannot be split for the probe)."""
+    values, counts = np.unique(labels, return_counts=True)
+    return np.isin(labels, values[counts >= minimum])
+
+
 def _group(hidden: np.ndarray, labels: np.ndarray, layers: Sequence[int], rows: np.ndarray | None) -> xr.Dataset:
     """One (step, seed)'s states as the in-memory group the sweep measures."""
     variables = {"hidden": (("layer", "example", "dim"), hidden), "label": ("example", labels)}
@@ -128,7 +140,8 @@ def _group(hidden: np.ndarray, labels: np.ndarray, layers: Sequence[int], rows: 
 def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None,
                            readout_hidden_states: Any = None, measures: Sequence[str] = DEFAULT_MEASURES,
                            steps: Any = None, n_boot: int = 100, n_boot_separability: int = 0, seed: int = 0,
-                           test_size: float = 0.5, cv: int | None = None) -> xr.Dataset:
+                           test_size: float = 0.5, cv: int | None = None,
+                           min_per_label: int | None = None) -> xr.Dataset:
     """Every requested measure at every layer, stored step and seed: a Dataset with ``value``, ``ci_low`` and
     ``ci_high`` over (step, seed, layer, measure).
 
@@ -137,7 +150,8 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     ``readout_rows``, the rows of the read-out's last linear layer (step, seed, class, unit) as the run store
     keeps them (or (seed, class, unit): the same at every step), and ``readout_hidden_states`` (step, seed,
     example, unit), the read-out's hidden layer (see :func:`readout_hidden`), one more layer holds the read-out's
-    hidden layer and the alignment measures are computed there (see the module doc). ``n_boot``,
+    hidden layer and the alignment measures are computed there (see the module doc). ``min_per_label``: see the
+    module doc on rare labels. ``n_boot``,
     ``n_boot_separability``, ``seed``, ``test_size`` and ``cv`` are the sweep's (:func:`geometry.sweep.measure`).
     """
     chosen = tuple(measures)
@@ -157,6 +171,8 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     H = _with_index(H, "layer")
     n_steps, n_seeds, n_layers = H.sizes["step"], H.sizes["seed"], H.sizes["layer"]
     y = _labels_per_seed(labels, n_seeds, H.sizes["example"])
+    minimum = max(2, cv or 2) if min_per_label is None else int(min_per_label)
+    kept = [_common_labels(row, minimum) for row in y]
     residual_measures = [m for m in chosen if m in STATE_MEASURES]
     layers = [int(layer) for layer in H["layer"].values]
     sites = ["embedding"] + [f"after block {layer - 1}" for layer in layers[1:]]
@@ -177,10 +193,10 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
         for s in range(n_seeds):
             parts = []
             if residual_measures:
-                group = _group(values[t, s], y[s], layers[:n_layers], None)
+                group = _group(values[t, s][:, kept[s]], y[s][kept[s]], layers[:n_layers], None)
                 parts.append((measure(group, "residual", residual_measures, **sweep), slice(0, n_layers)))
             if readout:
-                group = _group(inner[t, s][None], y[s], [layers[-1]], rows[t, s])
+                group = _group(inner[t, s][None][:, kept[s]], y[s][kept[s]], [layers[-1]], rows[t, s])
                 parts.append((measure(group, READOUT_SITE, chosen, **sweep), slice(len(layers) - 1, None)))
             for result, where in parts:
                 columns = [order[m] for m in result["measure"].values]
@@ -189,11 +205,14 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
                     block[:, columns] = result[var].values
     dims = ("step", "seed", "layer", "measure")
     return xr.Dataset(
-        {name: (dims, table[k]) for k, name in enumerate(("value", "ci_low", "ci_high"))},
+        {**{name: (dims, table[k]) for k, name in enumerate(("value", "ci_low", "ci_high"))},
+         "n_examples": ("seed", [int(keep.sum()) for keep in kept]),
+         "n_labels": ("seed", [len(np.unique(row[keep])) for row, keep in zip(y, kept)])},
         coords={"step": H["step"].values, "seed": H["seed"].values, "layer": layers, "measure": list(chosen),
                 "site": ("layer", sites)},
         attrs={"measures": list(chosen), "n_boot": int(n_boot), "n_boot_separability": int(n_boot_separability),
                "bootstrap_seed": int(seed), "test_size": float(test_size), "cv": "none" if cv is None else int(cv),
+               "min_per_label": minimum,
                "alignment_to": "rows of the read-out's last linear layer, on the read-out's hidden layer "
                                "(site 'readout hidden'); NaN at residual layers"},
     )

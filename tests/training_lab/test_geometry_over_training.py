@@ -74,6 +74,16 @@ def test_numpy_states_and_per_seed_labels():
     assert float(result["value"].sel(layer=2).min()) == 1.0
 
 
+def test_labels_too_rare_to_split_are_left_out():
+    labels = LABELS.copy()
+    labels[0] = 9  # one query with a label of its own: it cannot be in both the training and the held-out part
+    result = geometry_over_training(states(1), labels, measures=("separability",), n_boot=0)
+    assert list(result["n_examples"].values) == [len(labels) - 1] * 2
+    assert list(result["n_labels"].values) == [CLASSES] * 2
+    assert float(result["value"].sel(layer=2, step=1000).min()) == 1.0
+    assert result.attrs["min_per_label"] == 2
+
+
 def test_readout_hidden_is_relu_of_the_first_layer():
     h = np.array([[[[1.0, -2.0]]]])  # one step, seed, example; dim 2
     weight = np.array([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]])  # (seed, dim 2, unit 3), as the lab's readout.W_1
