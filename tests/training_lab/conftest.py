@@ -1,0 +1,17 @@
+"""A tiny lab config for fast tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from training_lab.config import LabConfig, ModelConfig, TaskConfig, TrainConfig
+
+
+@pytest.fixture
+def tiny() -> LabConfig:
+    return LabConfig(
+        task=TaskConfig(n_tasks=2, n_classes=8, n_labels=6, n_pairs=2, item_dims=5, position_dims=5),
+        model=ModelConfig(width=10, readout_width=8),
+        train=TrainConfig(steps=30, batch_size=16, lr=0.05, seeds=(0,), eval_every=5, evals_per_decade=2,
+                          eval_examples=32, snapshots_per_decade=2, snapshot_examples=8, checkpoint_every=10),
+    )
