@@ -56,4 +56,4 @@ def load(path: Path) -> Checkpoint:
         step = int(handle.metadata()["step"])
     tensors = load_file(str(path))
     rng = tensors.pop(RNG_KEY)
-    return Checkpoint(step, tensors, list(rng.unbind(0)), path)
+    return Checkpoint(step, tensors, [state.clone() for state in rng.unbind(0)], path)  # set_state needs own storage

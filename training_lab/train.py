@@ -111,16 +111,21 @@ class Trainer:
     def _step(self, step: int) -> torch.Tensor:
         batch = self.next_batch()
         losses = query_losses(self.model(batch.tokens), batch.label)
-        if not torch.isfinite(losses).all():
-            bad = [seed for seed, ok in zip(self.config.train.seeds, torch.isfinite(losses).tolist()) if not ok]
-            last = checkpoints.latest(self.checkpoint_dir)
-            raise NonFiniteLossError(
-                f"non-finite training loss at step {step} (seed(s) {bad}); last good checkpoint: "
-                f"{last or 'none'}; lower train.lr or change the config", step=step, checkpoint=str(last) if last else None)
+        self._check_finite(losses, "training", step)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
         return losses.detach()
+
+    def _check_finite(self, losses: torch.Tensor, kind: str, step: int) -> None:
+        finite = torch.isfinite(losses).tolist()
+        if all(finite):
+            return
+        bad = [seed for seed, ok in zip(self.config.train.seeds, finite) if not ok]
+        last = checkpoints.latest(self.checkpoint_dir)
+        raise NonFiniteLossError(f"non-finite {kind} loss at step {step} (seed(s) {bad}); last good checkpoint: "
+                                 f"{last or 'none'}; lower train.lr or change the config",
+                                 step=step, checkpoint=str(last) if last else None)
 
     def _resume(self) -> int:
         latest = checkpoints.latest(self.checkpoint_dir)
@@ -143,10 +148,7 @@ class Trainer:
             logits = self.model(self.eval_set.tokens)
         labels = self.eval_set.label
         loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
-        if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(f"non-finite evaluation loss at step {step}; last good checkpoint: "
-                                     f"{checkpoints.latest(self.checkpoint_dir) or 'none'}; lower train.lr",
-                                     step=step, checkpoint=None)
+        self._check_finite(loss, "evaluation", step)
         patterns = torch.stack([cache[name] for name in self._patterns], dim=1)  # (R, block, B, H, S, S)
         store.write_step(self.store, "curves", index, {
             "loss": loss.numpy(), "accuracy": accuracy.numpy(), "train_loss": train_loss.astype(np.float32),
