@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from training_lab.config import LabConfig, ModelConfig, TaskConfig, TrainConfig
 
@@ -15,3 +16,12 @@ def tiny() -> LabConfig:
         train=TrainConfig(steps=30, batch_size=16, lr=0.05, seeds=(0,), eval_every=5, evals_per_decade=2,
                           eval_examples=32, snapshots_per_decade=2, snapshot_examples=8, checkpoint_every=10),
     )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine idle OpenMP workers cost milliseconds per op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
