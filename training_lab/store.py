@@ -49,17 +49,18 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) -> None:
-    """Create the store with its NaN-filled groups, or check that an existing one holds the same config."""
+    """Create the store with its NaN-filled groups (the config attr written last), or check that an existing one
+    holds the same config."""
     if (path / "zarr.json").exists():
         with reading(path):
-            stored = open_root(path).attrs.get("config")
-        if stored is None or _canonical(stored) != _canonical(config):
-            changed = _changed(stored or {}, config)
+            stored = open_root(path).attrs.get("config")  # None: a creation killed before its last write
+        if stored is not None and _canonical(stored) != _canonical(config):
             raise LabError(f"the run at {path.parent} was started with another config (differs in "
-                           f"{', '.join(changed) or 'everything'}); pass the same config to resume, or another out")
-        return
+                           f"{', '.join(_changed(stored, config))}); pass the same config to resume, or another out")
+        if stored is not None:
+            return
     path.mkdir(parents=True, exist_ok=True)
-    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, dataset in datasets.items():
         dataset.to_zarr(str(path), group=name, mode="w", consolidated=False, zarr_format=3)
     root = open_root(path, mode="a")

@@ -87,3 +87,11 @@ def test_non_finite_loss_stops_the_run_naming_the_step_and_the_last_checkpoint(t
 def test_huge_learning_rate_is_caught_at_once(tiny, tmp_path):
     with pytest.raises(NonFiniteLossError, match="lower train.lr"):
         train(replace(tiny, train=replace(tiny.train, lr=1e12)), tmp_path / "run", progress=False)
+
+
+def test_open_run_names_a_missing_store_and_the_valid_groups(tiny, tmp_path):
+    with pytest.raises(LabError, match="no lab run store at"):
+        open_run(tmp_path / "nothing")
+    train(replace(tiny, train=replace(tiny.train, steps=2)), tmp_path / "run", progress=False)
+    with pytest.raises(LabError, match="valid groups: curves, snapshots"):
+        open_run(tmp_path / "run", "weights")
