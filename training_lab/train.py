@@ -96,7 +96,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{accuracy.mean():.3f}")
                     if step in self.schedule.checkpoints:
                         checkpoints.save(self.checkpoint_dir, step, self.model.named_weights(),
-                                         [g.get_state() for g in self.generators], config)
+                                         [g.get_state() for g in self.generators], self.optimizer, config)
                 if step == steps:
                     break
                 running += self._step(step)
@@ -137,6 +137,7 @@ class Trainer:
                 weight.copy_(saved.weights[name])
         for generator, state in zip(self.generators, saved.rng_states):
             generator.set_state(state)
+        checkpoints.restore_optimizer(self.optimizer, saved.optimizer)
         return saved.step
 
     @torch.no_grad()
