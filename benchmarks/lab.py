@@ -10,7 +10,8 @@ task with the same batch size (128), plain SGD. Timed in interleaved rounds in o
   S seeds costs S times this.
 
 ``ratio`` = (seed-steps per second of the lab) / (steps per second of the plain loop). ``seeds_per_hour_*`` is the
-number of runs of ``--run-steps`` steps each trains in an hour. Correctness: the plain model, given run 0's
+number of runs of ``--run-steps`` steps each trains in an hour. ``--width`` shrinks the model to show where the
+per-sample loop's Python overhead, rather than the matrix products both share, dominates. Correctness: the plain model, given run 0's
 initial weights and the lab's own batches, trains ``--check-steps`` steps; ``max_loss_difference`` is the largest
 difference between its losses and the lab's run-0 losses (batched with the other seeds). The machine's load
 average is recorded since it may be shared. The last line printed is one JSON object.
@@ -24,6 +25,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -138,9 +140,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--run-steps", type=int, default=None, help="steps per run for seeds/hour (preset's)")
     parser.add_argument("--check-steps", type=int, default=20)
+    parser.add_argument("--width", type=int, default=None,
+                        help="override the model width (read-out too); items fill width - (2N+1) dims")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = preset(args.preset).with_seeds(range(args.seeds))
+    if args.width:
+        seq = config.task.seq_len
+        config = replace(config, task=replace(config.task, item_dims=args.width - seq, position_dims=seq),
+                         model=replace(config.model, width=args.width, readout_width=args.width))
     trainer = Trainer(config, "unused")
     plain, data = PlainModel(config), PlainData(config, 0)
     optimizer = torch.optim.SGD(plain.parameters(), lr=config.train.lr)
@@ -163,7 +171,7 @@ def main() -> None:
     run_steps = args.run_steps or config.train.steps
     lab_rate, plain_rate = args.seeds / lab_step, 1 / plain_step_s
     print(json.dumps({
-        "preset": args.preset, "seeds": args.seeds, "batch_size": config.train.batch_size, "threads": args.threads,
+        "preset": args.preset, "width": config.model.width, "seeds": args.seeds, "batch_size": config.train.batch_size, "threads": args.threads,
         "load_average": os.getloadavg()[0], "rounds": args.rounds, "steps_per_round": args.steps,
         "lab_seconds_per_batched_step": lab_step, "lab_seed_steps_per_second": lab_rate,
         "plain_seconds_per_step": plain_step_s, "plain_data_seconds_per_step": plain_data,
