@@ -11,10 +11,10 @@ task with the same batch size (128), plain SGD. Timed in interleaved rounds in o
 
 ``ratio`` = (seed-steps per second of the lab) / (steps per second of the plain loop). ``seeds_per_hour_*`` is the
 number of runs of ``--run-steps`` steps each trains in an hour. ``--width`` shrinks the model to show where the
-per-sample loop's Python overhead, rather than the matrix products both share, dominates. Correctness: the plain model, given run 0's
-initial weights and the lab's own batches, trains ``--check-steps`` steps; ``max_loss_difference`` is the largest
-difference between its losses and the lab's run-0 losses (batched with the other seeds). The machine's load
-average is recorded since it may be shared. The last line printed is one JSON object.
+per-sample loop's Python overhead, rather than the matrix products both share, dominates. Correctness: the plain
+model, given run 0's initial weights and the lab's own batches, trains ``--check-steps`` steps;
+``max_loss_difference`` is the largest difference between its losses and the lab's run-0 losses (batched with the
+other seeds). The machine's load average is recorded since it may be shared. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def main() -> None:
     run_steps = args.run_steps or config.train.steps
     lab_rate, plain_rate = args.seeds / lab_step, 1 / plain_step_s
     print(json.dumps({
-        "preset": args.preset, "width": config.model.width, "seeds": args.seeds, "batch_size": config.train.batch_size, "threads": args.threads,
+        "preset": args.preset, "width": config.model.width, "seeds": args.seeds,
+        "batch_size": config.train.batch_size, "threads": args.threads,
         "load_average": os.getloadavg()[0], "rounds": args.rounds, "steps_per_round": args.steps,
         "lab_seconds_per_batched_step": lab_step, "lab_seed_steps_per_second": lab_rate,
         "plain_seconds_per_step": plain_step_s, "plain_data_seconds_per_step": plain_data,

@@ -91,8 +91,8 @@ class LabTransformer(nn.Module):
         scale = 1.0 / math.sqrt(self.head_width) if self.config.scale_scores else 1.0
         for block in range(self.config.n_blocks):
             p = f"blocks.{block}"
-            q, k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", resid, self.weight(f"{p}.W_{x.upper()}")))
-                       for x in "qkv")
+            q, k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", resid,
+                                                               self.weight(f"{p}.W_{x.upper()}"))) for x in "qkv")
             scores = torch.einsum("rbqhe,rbkhe->rbhqk", q, k) * scale
             scores = self.hook(f"{p}.attn.scores", scores.masked_fill(future, float("-inf")))
             pattern = self.hook(f"{p}.attn.pattern", softmax(scores))

@@ -42,8 +42,8 @@ def schedule(train: TrainConfig) -> Schedule:
     """Evaluations at 0, every ``eval_every``, log-spaced and at the end (snapshot steps included); checkpoints at
     the first evaluation at least ``checkpoint_every`` after the previous one, and at the end."""
     snapshots = log_steps(train.steps, train.snapshots_per_decade)
-    evals = sorted(set(range(0, train.steps + 1, train.eval_every)) | set(log_steps(train.steps, train.evals_per_decade))
-                   | set(snapshots))
+    regular = set(range(0, train.steps + 1, train.eval_every))
+    evals = sorted(regular | set(log_steps(train.steps, train.evals_per_decade)) | set(snapshots))
     saved, last = {train.steps}, 0
     for step in evals:
         if step >= last + train.checkpoint_every:
@@ -83,7 +83,8 @@ class Trainer:
         config = self.config.to_dict()
         store.create(self.store, config, self._empty_datasets())
         start = self._resume()
-        evals, snapshots = ({s: i for i, s in enumerate(steps)} for steps in (self.schedule.evals, self.schedule.snapshots))
+        evals, snapshots = ({s: i for i, s in enumerate(steps)}
+                            for steps in (self.schedule.evals, self.schedule.snapshots))
         steps = self.config.train.steps
         running, since = torch.zeros(self.model.n_runs), 0
         bar = tqdm(total=steps, initial=start, disable=not progress, desc="training", unit="step")
