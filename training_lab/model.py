@@ -13,7 +13,9 @@ pre-softmax with the causal mask applied (-inf above the diagonal), ``blocks.b.a
 ``blocks.b.attn.z`` (R,B,S,H,E) mixed values, ``blocks.b.attn.head_out`` (R,B,S,H,d) each head's contribution to
 the residual stream, ``blocks.b.resid_post`` (R,B,S,d); ``readout.input`` (R,B,d), ``readout.hidden`` (R,B,h)
 after the ReLU, ``logits`` (R,B,L). Residual *state* l (the toolkit's ``layer``) is ``embed`` for l = 0 and
-``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them.
+``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them. The trainer computes the last
+block at the query position only while no hook is attached to it (the loss reads nothing else), and at every
+position otherwise, so hooks always see the full shapes above.
 """
 
 from __future__ import annotations
@@ -77,12 +79,21 @@ class LabTransformer(nn.Module):
         """Hook points of the residual states, index = the toolkit's ``layer`` (0 = embeddings)."""
         return ["embed"] + [f"blocks.{b}.resid_post" for b in range(self.config.n_blocks)]
 
+    def needs_all_positions(self) -> bool:
+        """Whether a hook is attached to the last block (then a forward must compute it at every position)."""
+        last = f"blocks.{self.config.n_blocks - 1}."
+        return any(point.functions for name, point in self.hooks.points.items() if name.startswith(last))
+
     def named_weights(self) -> dict[str, torch.Tensor]:
         """Weights by dotted name (``blocks.0.W_Q`` ...), each with the leading run dimension."""
         return {name: self.weight(name) for name in self.weight_names}
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits (R, B, L) of the query from tokens (R, B, S, token_dims)."""
+    def forward(self, tokens: torch.Tensor, *, query_only: bool = False) -> torch.Tensor:
+        """Logits (R, B, L) of the query from tokens (R, B, S, token_dims).
+
+        ``query_only`` computes the last block for the query position alone (the only one the read-out sees), which
+        saves about a fifth of a training step; the last block's hook points then hold one query row (S becomes 1
+        in their query/position axis), so :meth:`needs_all_positions` tells a caller when not to use it."""
         if "W_E" in self.weights:
             tokens = torch.einsum("rbsi,rid->rbsd", tokens, self.weight("W_E"))
         resid = self.hook("embed", tokens)
@@ -91,16 +102,18 @@ class LabTransformer(nn.Module):
         scale = 1.0 / math.sqrt(self.head_width) if self.config.scale_scores else 1.0
         for block in range(self.config.n_blocks):
             p = f"blocks.{block}"
-            q, k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", resid,
-                                                               self.weight(f"{p}.W_{x.upper()}"))) for x in "qkv")
+            rows = resid[:, :, -1:] if query_only and block == self.config.n_blocks - 1 else resid
+            q = self.hook(f"{p}.attn.q", torch.einsum("rbsd,rdhe->rbshe", rows, self.weight(f"{p}.W_Q")))
+            k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", resid,
+                                                            self.weight(f"{p}.W_{x.upper()}"))) for x in "kv")
             scores = torch.einsum("rbqhe,rbkhe->rbhqk", q, k) * scale
-            scores = self.hook(f"{p}.attn.scores", scores.masked_fill(future, float("-inf")))
+            scores = self.hook(f"{p}.attn.scores", scores.masked_fill(future[seq - rows.shape[2]:], float("-inf")))
             pattern = self.hook(f"{p}.attn.pattern", softmax(scores))
             z = self.hook(f"{p}.attn.z", torch.einsum("rbhqk,rbkhe->rbqhe", pattern, v))
             out = self.weight(f"{p}.W_O") if self.config.output_projection else self.placement
             equation = "rbqhe,rhed->rbqhd" if out.dim() == 4 else "rbqhe,hed->rbqhd"
             head_out = self.hook(f"{p}.attn.head_out", torch.einsum(equation, z, out))
-            resid = self.hook(f"{p}.resid_post", resid + head_out.sum(dim=3))
+            resid = self.hook(f"{p}.resid_post", rows + head_out.sum(dim=3))
         query = self.hook("readout.input", resid[:, :, -1])
         hidden = torch.relu(torch.baddbmm(self.weight("readout.b_1").unsqueeze(1), query, self.weight("readout.W_1")))
         hidden = self.hook("readout.hidden", hidden)

@@ -111,7 +111,8 @@ class Trainer:
 
     def _step(self, step: int) -> torch.Tensor:
         batch = self.next_batch()
-        losses = query_losses(self.model(batch.tokens), batch.label)
+        logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
+        losses = query_losses(logits, batch.label)
         self._check_finite(losses, "training", step)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()

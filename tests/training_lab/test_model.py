@@ -99,3 +99,13 @@ def test_model_options_build_and_run(tiny, output_projection, scale):
     assert ("blocks.0.W_O" in model.named_weights()) is output_projection
     assert "W_E" in model.named_weights()
     assert model(batch.tokens).shape == (2, 6, tiny.task.n_labels)
+
+
+def test_query_only_last_block_gives_the_same_logits(tiny):
+    model, batch = _model_and_tokens(tiny)
+    assert torch.allclose(model(batch.tokens, query_only=True), model(batch.tokens), atol=1e-6)
+    assert not model.needs_all_positions()
+    with model.hooks.cache(["blocks.0.attn.pattern"]):
+        assert not model.needs_all_positions()
+    with model.hooks.cache(["blocks.1.resid_post"]):
+        assert model.needs_all_positions()

@@ -95,3 +95,18 @@ def test_open_run_names_a_missing_store_and_the_valid_groups(tiny, tmp_path):
     train(replace(tiny, train=replace(tiny.train, steps=2)), tmp_path / "run", progress=False)
     with pytest.raises(LabError, match="valid groups: curves, snapshots"):
         open_run(tmp_path / "run", "weights")
+
+
+def test_a_clamp_on_the_last_block_holds_at_every_training_step(tiny, tmp_path):
+    trainer = Trainer(tiny, tmp_path / "run")
+    seq = tiny.task.seq_len
+    uniform = torch.tril(torch.ones(seq, seq)) / torch.arange(1, seq + 1)[:, None]
+    seen = []
+    with trainer.model.hooks.clamp("blocks.1.attn.pattern", uniform), \
+            trainer.model.hooks.add({"blocks.1.attn.pattern": lambda value, point: seen.append(value.detach())}):
+        trainer.run(progress=False)
+    assert len(seen) > tiny.train.steps
+    assert all(torch.equal(value, uniform.expand_as(value)) for value in seen)
+    snaps = open_run(tmp_path / "run", "snapshots").load()
+    stored = snaps["pattern"].sel(block=1).values
+    np.testing.assert_array_equal(stored, np.broadcast_to(uniform.numpy(), stored.shape))
