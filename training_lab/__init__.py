@@ -1,0 +1,66 @@
+"""The training lab: small attention-only transformers trained on synthetic in-context tasks ([M]'s meta-learning
+task), several seeds at once, with every intermediate behind a named hook point and a run store that records
+how attention circuits and hidden-state geometry change over training.
+
+Use::
+
+    from training_lab import preset, train, open_run
+    curves = train(preset("quick"), out="runs/quick")        # resumes if runs/quick holds the same config
+    snapshots = open_run("runs/quick", "snapshots")
+
+Modules: :mod:`~training_lab.config` (TOML-able configs and presets), :mod:`~training_lab.tasks` (vectorised
+generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp context managers),
+:mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.train` (the trainer),
+:mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory).
+
+Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
+:class:`LabConfig` as a dict), ``provenance`` (library versions) and ``format``) and ``checkpoints/step_<8
+digits>.safetensors`` (the latest checkpoint: weights with a leading run dimension, the training data generators'
+states). ``step`` counts SGD updates done (step 0 = initial weights). ``seed`` indexes the batched runs (coordinate:
+the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
+``block`` is an attention block 0..n_blocks-1; ``layer`` is a residual-state index (0 = the embedding input,
+l = output of block l-1), as everywhere in the toolkit. Positions ``query`` / ``key`` are token indices 0..2N
+(0-indexed: items 0, 2, .., labels 1, 3, .., the query 2N; [M]'s 1-indexed p_{2N+1, 2k} is ``query=2N, key=2k-1``).
+
+Group ``curves`` (every evaluation step, on the run's ``eval_examples`` held-out contexts):
+
+================  ==========================================  ===================================================
+variable          dims                                        meaning
+================  ==========================================  ===================================================
+``loss``          step, seed                                  held-out cross-entropy of the query
+``accuracy``      step, seed                                  held-out accuracy of the query's label
+``train_loss``    step, seed                                  mean training loss since the previous evaluation
+                                                              (NaN at step 0)
+``mean_pattern``  step, seed, block, head, query, key         attention pattern averaged over the held-out set
+                                                              (the circuit metrics are linear in it)
+``done``          step                                        written completely (written last)
+================  ==========================================  ===================================================
+
+Group ``snapshots`` (log-spaced steps and the last, on the first ``snapshot_examples`` held-out contexts):
+
+====================  ===============================================  ===========================================
+variable              dims                                             meaning
+====================  ===============================================  ===========================================
+``pattern``           step, seed, block, head, example, query, key     attention patterns
+``hidden``            step, seed, layer, example, dim                  the query position's residual state
+``readout_rows``      step, seed, class, unit                          rows of the read-out's last linear layer
+                                                                       (in the read-out MLP's hidden ``unit``
+                                                                       space, not the residual ``dim`` space:
+                                                                       the read-out is an MLP, not an unembedding)
+``label``             seed, example                                    the query's label (class coordinate)
+``query_class``       seed, example                                    the query item's class
+``task``              seed, example                                    the context's task
+``query_in_context``  seed, example                                    whether the query's class is in the context
+``done``              step                                             written completely (written last)
+====================  ===============================================  ===========================================
+"""
+
+from training_lab.config import PRESETS, LabConfig, ModelConfig, TaskConfig, TrainConfig, preset
+from training_lab.errors import LabError, NonFiniteLossError
+from training_lab.hooks import HookPoint, Hooks
+from training_lab.model import LabTransformer
+from training_lab.store import open_run
+from training_lab.train import Trainer, train
+
+__all__ = ["PRESETS", "HookPoint", "Hooks", "LabConfig", "LabError", "LabTransformer", "ModelConfig",
+           "NonFiniteLossError", "TaskConfig", "TrainConfig", "Trainer", "open_run", "preset", "train"]

@@ -1,0 +1,188 @@
+"""Lab configurations: the synthetic task, the model and the training schedule, as TOML-able frozen dataclasses.
+
+``LabConfig.to_dict()`` is plain ints/floats/bools/strings/lists (what a TOML file or a store's attrs hold) and
+``LabConfig.from_dict`` reads it back, filling defaults; every config is validated when built, so an impossible
+setting fails before any training with one line saying what to change. :data:`PRESETS` names ready-made configs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from training_lab.errors import LabError
+
+
+def _positive(owner: str, **values: int | float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise LabError(f"{owner}.{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """[M]'s meta-learning task (see :mod:`training_lab.tasks`); ``n_tasks=1, query_in_context=True`` is the plain
+    induction copy task."""
+
+    n_tasks: int = 3
+    n_classes: int = 64
+    n_labels: int = 32
+    n_pairs: int = 4
+    item_dims: int = 63
+    position_dims: int = 65
+    epsilon: float = 0.1
+    query_in_context: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("task", n_tasks=self.n_tasks, n_classes=self.n_classes, n_labels=self.n_labels,
+                  n_pairs=self.n_pairs, item_dims=self.item_dims, position_dims=self.position_dims)
+        if self.epsilon < 0:
+            raise LabError(f"task.epsilon must be >= 0, got {self.epsilon}")
+        if self.n_pairs > self.n_classes:
+            raise LabError(f"task.n_pairs ({self.n_pairs}) exceeds task.n_classes ({self.n_classes}): a context "
+                           "needs distinct classes; lower n_pairs or raise n_classes")
+        if self.n_tasks > self.n_labels:
+            raise LabError(f"task.n_tasks ({self.n_tasks}) exceeds the {self.n_labels} distinct label maps "
+                           "(shifts mod n_labels); lower n_tasks or raise n_labels")
+        if self.position_dims < self.seq_len:
+            raise LabError(f"task.position_dims ({self.position_dims}) is shorter than the context of "
+                           f"{self.seq_len} tokens (2 * n_pairs + 1); raise position_dims")
+
+    @property
+    def seq_len(self) -> int:
+        return 2 * self.n_pairs + 1
+
+    @property
+    def token_dims(self) -> int:
+        """Width of a token vector: content (item or label vector) then the position one-hot."""
+        return self.item_dims + self.position_dims
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The attention-only transformer of :mod:`training_lab.model`.
+
+    ``embed="identity"`` feeds the token vectors straight in (needs ``token_dims == width``, as in [M]: 63 + 65 =
+    128); ``"linear"`` learns a projection. ``output_projection`` is W_O ([M]'s paper has it, its code does not).
+    ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not)."""
+
+    width: int = 128
+    n_blocks: int = 2
+    n_heads: int = 1
+    readout_width: int = 128
+    output_projection: bool = True
+    scale_scores: bool = False
+    embed: str = "identity"
+
+    def __post_init__(self) -> None:
+        _positive("model", width=self.width, n_blocks=self.n_blocks, n_heads=self.n_heads,
+                  readout_width=self.readout_width)
+        if self.width % self.n_heads:
+            raise LabError(f"model.width ({self.width}) must be a multiple of model.n_heads ({self.n_heads})")
+        if self.embed not in ("identity", "linear"):
+            raise LabError(f"model.embed must be 'identity' or 'linear', got {self.embed!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Plain SGD on the query's cross-entropy; all ``seeds`` train at once as one batched model.
+
+    Evaluation (held-out loss and accuracy) happens at step 0, every ``eval_every`` steps, at
+    ``evals_per_decade`` log-spaced steps per decade, and at the last step. Snapshots (attention patterns and
+    query states of ``snapshot_examples`` fixed examples) are taken at ``snapshots_per_decade`` log-spaced steps
+    and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps).
+    """
+
+    steps: int = 1_000_000
+    batch_size: int = 128
+    lr: float = 0.01
+    seeds: tuple[int, ...] = (0,)
+    eval_every: int = 1000
+    evals_per_decade: int = 10
+    eval_examples: int = 1024
+    snapshots_per_decade: int = 5
+    snapshot_examples: int = 64
+    checkpoint_every: int = 10_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+        _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr, eval_every=self.eval_every,
+                  evals_per_decade=self.evals_per_decade, eval_examples=self.eval_examples,
+                  snapshots_per_decade=self.snapshots_per_decade, snapshot_examples=self.snapshot_examples,
+                  checkpoint_every=self.checkpoint_every)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise LabError(f"train.seeds must be a non-empty list of distinct seeds, got {list(self.seeds)}")
+        if self.snapshot_examples > self.eval_examples:
+            raise LabError(f"train.snapshot_examples ({self.snapshot_examples}) exceeds train.eval_examples "
+                           f"({self.eval_examples}); snapshots use the first evaluation examples")
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """One lab run: task, model and training; ``to_dict``/``from_dict`` round-trip through TOML-able dicts."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.embed == "identity" and self.task.token_dims != self.model.width:
+            raise LabError(f"model.embed = 'identity' needs token width item_dims + position_dims "
+                           f"({self.task.token_dims}) equal to model.width ({self.model.width}); set "
+                           "model.embed = 'linear' or change the widths")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["train"]["seeds"] = list(self.train.seeds)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LabConfig":
+        """Build from a (possibly partial) dict such as a TOML file's; unknown sections or keys are refused."""
+        parts = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
+        unknown = set(data) - set(parts)
+        if unknown:
+            raise LabError(f"unknown config section(s) {sorted(unknown)}; valid sections: {sorted(parts)}")
+        built = {}
+        for name, kind in parts.items():
+            values = dict(data.get(name, {}))
+            valid = {f.name for f in fields(kind)}
+            extra = set(values) - valid
+            if extra:
+                raise LabError(f"unknown key(s) {sorted(extra)} in [{name}]; valid keys: {sorted(valid)}")
+            if "seeds" in values:
+                values["seeds"] = tuple(values["seeds"])
+            built[name] = kind(**values)
+        return cls(**built)
+
+    def with_seeds(self, seeds: tuple[int, ...] | list[int]) -> "LabConfig":
+        return replace(self, train=replace(self.train, seeds=tuple(seeds)))
+
+
+#: Ready-made configs. ``paper``: [M]'s default setting (T=3, K=64, L=32, N=4, D=63, 65 positions, width 128,
+#: SGD lr 0.01, batch 128), trained for 1e6 steps. ``quick``: a smaller K and width and fewer steps, meant to show
+#: the first phases in minutes on a laptop CPU.
+PRESETS: dict[str, LabConfig] = {
+    "paper": LabConfig(),
+    "quick": LabConfig(
+        task=TaskConfig(n_tasks=3, n_classes=16, n_labels=16, n_pairs=4, item_dims=31, position_dims=33),
+        model=ModelConfig(width=64, readout_width=64),
+        train=TrainConfig(steps=20_000, eval_every=250, evals_per_decade=10, eval_examples=512,
+                          snapshots_per_decade=5, snapshot_examples=64, checkpoint_every=2_000, seeds=(0, 1)),
+    ),
+}
+
+
+def preset(name: str) -> LabConfig:
+    """A named preset config; unknown names fail listing the valid ones."""
+    if name not in PRESETS:
+        raise LabError(f"unknown lab preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]
+
+
+def log_steps(last: int, per_decade: int) -> list[int]:
+    """``per_decade`` log-spaced integer steps per decade from 1 up to ``last`` (inclusive), plus 0 and ``last``."""
+    count = max(1, int(math.ceil(math.log10(max(last, 1)) * per_decade)))
+    steps = {0, last} | {int(round(10 ** (i / per_decade))) for i in range(count + 1)}
+    return sorted(step for step in steps if step <= last)

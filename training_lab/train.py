@@ -1,0 +1,210 @@
+"""Batched training: all seeds of a config train at once as one :class:`LabTransformer` (plain SGD on the query's
+cross-entropy, each run's loss a mean over its batch, the runs' losses summed so each run's gradient is its own).
+
+Each run draws its world, its training batches and its held-out evaluation set from generators derived from its
+seed (:func:`training_lab.model.run_generators`), so a run's numbers do not depend on which runs share the batch.
+A run is resumable: checkpoints (weights and data generators' states) are written only right after an evaluation
+has been stored, so a resumed run continues from the latest checkpoint, rewrites nothing before it and reproduces
+the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from training_lab import checkpoints, store
+from training_lab.config import LabConfig, TrainConfig, log_steps
+from training_lab.errors import NonFiniteLossError
+from training_lab.model import LabTransformer, run_generators
+from training_lab.tasks import Batch, make_world, sample, stack
+
+STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The steps (counted in SGD updates done) at which a run evaluates, snapshots and checkpoints."""
+
+    evals: list[int]
+    snapshots: list[int]
+    checkpoints: frozenset[int]
+
+
+def schedule(train: TrainConfig) -> Schedule:
+    """Evaluations at 0, every ``eval_every``, log-spaced and at the end (snapshot steps included); checkpoints at
+    the first evaluation at least ``checkpoint_every`` after the previous one, and at the end."""
+    snapshots = log_steps(train.steps, train.snapshots_per_decade)
+    regular = set(range(0, train.steps + 1, train.eval_every))
+    evals = sorted(regular | set(log_steps(train.steps, train.evals_per_decade)) | set(snapshots))
+    saved, last = {train.steps}, 0
+    for step in evals:
+        if step >= last + train.checkpoint_every:
+            saved.add(step)
+            last = step
+    return Schedule(evals, snapshots, frozenset(saved))
+
+
+def query_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-run mean cross-entropy (R,) of logits (R, B, L) against labels (R, B)."""
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(dim=1)
+
+
+class Trainer:
+    """One batched run of ``config`` writing to the run directory ``out`` (see :func:`train`)."""
+
+    def __init__(self, config: LabConfig, out: str | Path):
+        self.config, self.out = config, Path(out)
+        task, seeds = config.task, config.train.seeds
+        self.model = LabTransformer(config.model, task, seeds)
+        self.worlds = [make_world(task, g) for g in run_generators(seeds, 1)]
+        self.generators = run_generators(seeds, 2)
+        self.eval_set = stack([sample(task, world, config.train.eval_examples, g)
+                               for world, g in zip(self.worlds, run_generators(seeds, 3))])
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.train.lr)
+        self.schedule = schedule(config.train)
+        self.store = self.out / STORE_NAME
+        self.checkpoint_dir = self.out / CHECKPOINT_DIR
+        self._patterns = [f"blocks.{b}.attn.pattern" for b in range(config.model.n_blocks)]
+
+    def next_batch(self) -> Batch:
+        size = self.config.train.batch_size
+        return stack([sample(self.config.task, world, size, g) for world, g in zip(self.worlds, self.generators)])
+
+    def run(self, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> xr.Dataset:
+        """Train to ``config.train.steps`` (resuming from the latest checkpoint) and return the curves."""
+        config = self.config.to_dict()
+        store.create(self.store, config, self._empty_datasets())
+        start = self._resume()
+        evals, snapshots = ({s: i for i, s in enumerate(steps)}
+                            for steps in (self.schedule.evals, self.schedule.snapshots))
+        steps = self.config.train.steps
+        running, since = torch.zeros(self.model.n_runs), 0
+        bar = tqdm(total=steps, initial=start, disable=not progress, desc="training", unit="step")
+        try:
+            for step in range(start, steps + 1):
+                if step in evals and not (step == start and start > 0):
+                    train_loss = (running / since).numpy() if since else np.full(self.model.n_runs, np.nan)
+                    loss, accuracy = self._evaluate(step, evals[step], snapshots.get(step), train_loss)
+                    running, since = torch.zeros(self.model.n_runs), 0
+                    bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{accuracy.mean():.3f}")
+                    if step in self.schedule.checkpoints:
+                        checkpoints.save(self.checkpoint_dir, step, self.model.named_weights(),
+                                         [g.get_state() for g in self.generators], self.optimizer, config)
+                if step == steps:
+                    break
+                running += self._step(step)
+                since += 1
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step + 1)
+        finally:
+            bar.close()
+        return store.open_run(self.store)
+
+    def _step(self, step: int) -> torch.Tensor:
+        batch = self.next_batch()
+        logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
+        losses = query_losses(logits, batch.label)
+        self._check_finite(losses, "training", step)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        return losses.detach()
+
+    def _check_finite(self, losses: torch.Tensor, kind: str, step: int) -> None:
+        finite = torch.isfinite(losses).tolist()
+        if all(finite):
+            return
+        bad = [seed for seed, ok in zip(self.config.train.seeds, finite) if not ok]
+        last = checkpoints.latest(self.checkpoint_dir)
+        raise NonFiniteLossError(f"non-finite {kind} loss at step {step} (seed(s) {bad}); last good checkpoint: "
+                                 f"{last or 'none'}; lower train.lr or change the config",
+                                 step=step, checkpoint=str(last) if last else None)
+
+    def _resume(self) -> int:
+        latest = checkpoints.latest(self.checkpoint_dir)
+        if latest is None:
+            return 0
+        saved = checkpoints.load(latest)
+        with torch.no_grad():
+            for name, weight in self.model.named_weights().items():
+                weight.copy_(saved.weights[name])
+        for generator, state in zip(self.generators, saved.rng_states):
+            generator.set_state(state)
+        checkpoints.restore_optimizer(self.optimizer, saved.optimizer)
+        return saved.step
+
+    @torch.no_grad()
+    def _evaluate(self, step: int, index: int, snapshot: int | None, train_loss: np.ndarray):
+        """Held-out loss, accuracy and mean attention patterns; at snapshot steps also the fixed examples' patterns,
+        query states and the read-out rows."""
+        states = self.model.state_names() if snapshot is not None else []
+        with self.model.hooks.cache(self._patterns + states) as cache:
+            logits = self.model(self.eval_set.tokens)
+        labels = self.eval_set.label
+        loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
+        self._check_finite(loss, "evaluation", step)
+        patterns = torch.stack([cache[name] for name in self._patterns], dim=1)  # (R, block, B, H, S, S)
+        store.write_step(self.store, "curves", index, {
+            "loss": loss.numpy(), "accuracy": accuracy.numpy(), "train_loss": train_loss.astype(np.float32),
+            "mean_pattern": patterns.mean(dim=2).numpy()})
+        if snapshot is not None:
+            n = self.config.train.snapshot_examples
+            hidden = torch.stack([cache[name][:, :n, -1] for name in states], dim=1)  # (R, layer, n, d)
+            store.write_step(self.store, "snapshots", snapshot, {
+                "pattern": patterns[:, :, :n].transpose(2, 3).numpy(),
+                "hidden": hidden.numpy(),
+                "readout_rows": self.model.weight("readout.W_2").transpose(1, 2).numpy()})
+        return loss.numpy(), accuracy.numpy()
+
+    def _empty_datasets(self) -> dict[str, xr.Dataset]:
+        c, seeds = self.config, list(self.config.train.seeds)
+        runs, blocks, heads, seq = len(seeds), c.model.n_blocks, c.model.n_heads, c.task.seq_len
+        n = c.train.snapshot_examples
+        evals, snaps = self.schedule.evals, self.schedule.snapshots
+
+        def nan(*shape: int) -> np.ndarray:
+            return np.full(shape, np.nan, dtype=np.float32)
+
+        coords = {"seed": seeds, "block": range(blocks), "head": range(heads), "query": range(seq), "key": range(seq)}
+        curves = xr.Dataset(
+            {"loss": (("step", "seed"), nan(len(evals), runs)),
+             "accuracy": (("step", "seed"), nan(len(evals), runs)),
+             "train_loss": (("step", "seed"), nan(len(evals), runs)),
+             "mean_pattern": (("step", "seed", "block", "head", "query", "key"),
+                              nan(len(evals), runs, blocks, heads, seq, seq)),
+             "done": (("step",), np.zeros(len(evals), dtype=bool))},
+            coords={"step": evals, **coords})
+        eval_set = {name: (("seed", "example"), getattr(self.eval_set, name)[:, :n].numpy())
+                    for name in ("label", "query_class", "task", "query_in_context")}
+        snapshots = xr.Dataset(
+            {"pattern": (("step", "seed", "block", "head", "example", "query", "key"),
+                         nan(len(snaps), runs, blocks, heads, n, seq, seq)),
+             "hidden": (("step", "seed", "layer", "example", "dim"),
+                        nan(len(snaps), runs, blocks + 1, n, c.model.width)),
+             "readout_rows": (("step", "seed", "class", "unit"), nan(len(snaps), runs, c.task.n_labels,
+                                                                     c.model.readout_width)),
+             "done": (("step",), np.zeros(len(snaps), dtype=bool)), **eval_set},
+            coords={"step": snaps, "layer": range(blocks + 1), "example": range(n), "class": range(c.task.n_labels),
+                    **coords})
+        for dataset in (curves, snapshots):
+            for name, variable in dataset.data_vars.items():
+                if "step" in variable.dims:
+                    variable.encoding["chunks"] = (1,) + variable.shape[1:]
+        return {"curves": curves, "snapshots": snapshots}
+
+
+def train(config: LabConfig, out: str | Path, *, progress: bool = True,
+          on_step: Callable[[int], None] | None = None) -> xr.Dataset:
+    """Train ``config`` (all its seeds at once) into the run directory ``out`` (``run.zarr`` + ``checkpoints/``),
+    resuming if ``out`` holds a run of the same config; returns the curves (``open_run(out)``). ``on_step(step)``
+    is called after every update (``step`` updates done)."""
+    return Trainer(config, out).run(progress=progress, on_step=on_step)
