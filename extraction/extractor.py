@@ -7,9 +7,7 @@ the same configuration writes only the examples that are missing.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import platform
 from pathlib import Path
 from typing import Sequence
 
@@ -26,7 +24,7 @@ from extraction.interventions import (Batch, Intervention, as_interventions, int
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.prompts import PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
-from extraction.store import GroupWriter, open_group
+from extraction.store import GroupWriter, library_versions, open_group
 from extraction.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -35,16 +33,6 @@ STORE_DTYPES = ("float32", "float16")
 LENS_CONVENTION = ("logit lens: final norm applied to each layer's state, then the LM head, then the output scaling "
                    "and soft-capping the config declares (as for the model's output)")
 LIBRARIES = ("icl-geometry", "torch", "transformers", "numpy", "xarray", "zarr")
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def default_setting(shots: int) -> str:
@@ -147,7 +135,7 @@ def extract(
             {
                 "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
                 "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": records, "provenance": {**loaded.provenance, "libraries": _versions()},
+                "intervention": records, "provenance": {**loaded.provenance, "libraries": library_versions(LIBRARIES)},
                 **lens_attrs,
             },
         )

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from extraction.errors import AnswerTokenError, PromptError, TaskError
-from extraction.prompts import _covering
-from extraction.tasks import _fixed_split, _read_records
+from extraction.prompts import covering_tokens
+from extraction.tasks import read_records, record_split
 
 DEFAULT_PAIR_TEMPLATE = "{input} -> {output}"
 #: Built-in pair tasks: file stem in ``extraction/data/pairs`` -> one line saying what it is.
@@ -104,13 +104,7 @@ def pair_task_from_records(name: str, records: Sequence[Mapping], *, template: s
                         "an 'input' and an 'output' column")
     inputs = tuple(_text(r["input"]) for r in records)
     outputs = tuple(_text(r["output"]) for r in records)
-    if "split" in records[0]:
-        split = np.array([str(r["split"]) for r in records], dtype=object)
-        bad = sorted(set(split) - {"train", "test"})
-        if bad:
-            raise TaskError(f"task {name!r}: split values must be 'train' or 'test', found {', '.join(bad)}")
-    else:
-        split = _fixed_split(np.zeros(len(records), dtype=int))
+    split = record_split(name, records, np.zeros(len(records), dtype=int))
     readings: dict[str, tuple[str, ...]] = {}
     if "readings" in records[0]:
         names = tuple(records[0]["readings"])
@@ -136,7 +130,7 @@ def load_pair_task(name: str, *, template: str | None = None, separator: str = "
         return pair_task_from_records(name, records, template=template, separator=separator)
     path = Path(name)
     if path.suffix in {".csv", ".jsonl", ".parquet"}:
-        return pair_task_from_records(path.stem, _read_records(path), template=template, separator=separator)
+        return pair_task_from_records(path.stem, read_records(path), template=template, separator=separator)
     raise TaskError(f"unknown pair task {name!r}: choose one of {', '.join(list_pair_tasks())} or give a "
                     ".csv/.jsonl/.parquet file with input and output columns")
 
@@ -258,7 +252,7 @@ def answer_tokens(tokenizer, prompt: PairPrompt, answer: str | None = None) -> l
     text, (start, end) = prompt.answered(answer)
     encoded = tokenizer([prompt.text, text], return_offsets_mapping=True)
     (alone, tokens), offsets = encoded["input_ids"], encoded["offset_mapping"][1]
-    hits = _covering(offsets, start, end)
+    hits = covering_tokens(offsets, start, end)
     if not hits:
         raise AnswerTokenError(f"the answer {answer!r} (query {prompt.query_index}) tokenizes to nothing; "
                                "remove it or give it visible characters")

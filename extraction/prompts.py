@@ -132,7 +132,7 @@ def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
 def _answer_tokens(tokenizer, word: str, probe: Prompt, tokens: list[int], offsets: list[tuple[int, int]]) -> list[int]:
     """Ids of the tokens that write ``word``'s answer in its probe; its first token must cover nothing else."""
     start, end = probe.answer_spans[0]
-    hits = _covering(offsets, start, end)
+    hits = covering_tokens(offsets, start, end)
     if not hits:
         raise LabelWordError(f"label word {word!r} tokenizes to nothing")
     (a, b), name = offsets[hits[0]], tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0]
@@ -149,7 +149,7 @@ def _answer_tokens(tokenizer, word: str, probe: Prompt, tokens: list[int], offse
     return [tokens[i] for i in hits]
 
 
-def _covering(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
+def covering_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
     """Indexes of the tokens covering characters ``start..end`` (special and padding tokens cover none)."""
     return [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
 
@@ -159,7 +159,7 @@ def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int]) -> None
     batch = tokenizer([p.text for p in prompts.prompts], return_offsets_mapping=True)
     for row, (prompt, tokens, offsets) in enumerate(zip(prompts.prompts, batch["input_ids"], batch["offset_mapping"])):
         for number, ((start, end), label) in enumerate(zip(prompt.answer_spans, prompt.demo_labels), 1):
-            hits = _covering(offsets, start, end)
+            hits = covering_tokens(offsets, start, end)
             if hits and tokens[hits[0]] == ids[label]:
                 continue
             found = tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0] if hits else None
@@ -282,7 +282,7 @@ def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> E
         offsets = batch["offset_mapping"][row].tolist()
         found = []
         for start, end in prompt.answer_spans:
-            hits = _covering(offsets, start, end)
+            hits = covering_tokens(offsets, start, end)
             if not hits:
                 raise PromptError(f"cannot locate a demonstration label at characters {start}..{end} in the tokens")
             found.append(hits[0])

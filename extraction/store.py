@@ -42,11 +42,13 @@ Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import xarray as xr
@@ -121,8 +123,20 @@ def open_group(path: str | Path, group: str) -> xr.Dataset:
     return dataset
 
 
-def _canonical(config: dict[str, Any]) -> str:
+def canonical(config: dict[str, Any]) -> str:
+    """A configuration as canonical JSON, so two runs' configurations compare by value."""
     return json.dumps(config, sort_keys=True, default=str)
+
+
+def library_versions(names: Sequence[str]) -> dict[str, str]:
+    """The Python version and the installed version of each named distribution, for a store's provenance."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 class GroupWriter:
@@ -141,7 +155,7 @@ class GroupWriter:
             if overwrite:
                 del self.root[group]
                 consolidate(self.path)
-            elif _canonical(existing.attrs.get("config", {})) != _canonical(config):
+            elif canonical(existing.attrs.get("config", {})) != canonical(config):
                 old = existing.attrs.get("config", {})
                 changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
                 raise GroupClashError(

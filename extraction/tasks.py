@@ -70,7 +70,7 @@ def list_tasks() -> list[str]:
     return sorted(BUILTIN)
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     import pandas as pd
 
     readers = {".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True), ".parquet": pd.read_parquet}
@@ -86,6 +86,17 @@ def _read_records(path: Path) -> list[dict]:
     except (ValueError, OSError) as error:
         raise TaskError(f"cannot read {path} as {path.suffix[1:].upper()}: {error}; check the file's format "
                         "(one record per row or line, with text and label fields)") from error
+
+
+def record_split(name: str, records: list[dict], strata: np.ndarray) -> np.ndarray:
+    """Each record's pool, ``train`` or ``test``: its ``split`` value, or a seeded split stratified by ``strata``."""
+    if "split" not in records[0]:
+        return _fixed_split(strata)
+    split = np.array([str(r["split"]) for r in records], dtype=object)
+    bad = sorted(set(split) - {"train", "test"})
+    if bad:
+        raise TaskError(f"task {name!r}: split values must be 'train' or 'test', found {', '.join(bad)}")
+    return split
 
 
 def _fixed_split(labels: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -121,13 +132,7 @@ def task_from_records(
     if len(classes) < 2:
         raise TaskError(f"task {name!r} needs at least two classes, it has {len(classes)}")
     labels = np.array([classes.index(label) for label in raw_labels])
-    if "split" in records[0]:
-        split = np.array([str(r["split"]) for r in records], dtype=object)
-        bad = sorted(set(split) - {"train", "test"})
-        if bad:
-            raise TaskError(f"task {name!r}: split values must be 'train' or 'test', found {', '.join(bad)}")
-    else:
-        split = _fixed_split(labels)
+    split = record_split(name, records, labels)
     return Task(
         name=name,
         texts=tuple(str(r["text"]) for r in records),
@@ -155,7 +160,7 @@ def load_task(
                                  label_words=label_words)
     path = Path(name)
     if path.suffix in {".csv", ".jsonl", ".parquet"}:
-        return task_from_records(path.stem, _read_records(path), template=template or DEFAULT_TEMPLATE,
+        return task_from_records(path.stem, read_records(path), template=template or DEFAULT_TEMPLATE,
                                  label_words=label_words)
     raise TaskError(f"unknown task {name!r}: choose one of {', '.join(list_tasks())} or give a .csv/.jsonl/.parquet file")
 

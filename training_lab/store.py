@@ -8,9 +8,6 @@ rewrites exactly the steps after its checkpoint and nothing else.
 
 from __future__ import annotations
 
-import importlib.metadata
-import json
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +15,12 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from extraction.store import consolidate, open_root, reading
+from extraction.store import canonical, consolidate, library_versions, open_root, reading
 from training_lab.errors import LabError
 
 GROUPS = ("curves", "snapshots")
 FORMAT = "training_lab.run/1"
 LIBRARIES = ("torch", "numpy", "xarray", "zarr", "safetensors")
-
-
-def provenance() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _canonical(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True)
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -54,7 +37,7 @@ def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) 
     if (path / "zarr.json").exists():
         with reading(path):
             stored = open_root(path).attrs.get("config")  # None: a creation killed before its last write
-        if stored is not None and _canonical(stored) != _canonical(config):
+        if stored is not None and canonical(stored) != canonical(config):
             raise LabError(f"the run at {path.parent} was started with another config (differs in "
                            f"{', '.join(_changed(stored, config))}); pass the same config to resume, or another out")
         if stored is not None:
@@ -64,7 +47,7 @@ def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) 
     for name, dataset in datasets.items():
         dataset.to_zarr(str(path), group=name, mode="w", consolidated=False, zarr_format=3)
     root = open_root(path, mode="a")
-    root.attrs.update({"config": config, "provenance": provenance(), "format": FORMAT})
+    root.attrs.update({"config": config, "provenance": library_versions(LIBRARIES), "format": FORMAT})
     consolidate(path)
 
 
