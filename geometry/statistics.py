@@ -124,7 +124,7 @@ class Accumulator:
 
 # --- one layer's statistics from a store ---------------------------------------------------------------------------
 
-def _is_dask(data: Any) -> bool:
+def is_dask(data: Any) -> bool:
     try:
         import dask.array as da
     except ImportError:
@@ -142,7 +142,7 @@ def reduce_hidden(hidden: Any, labels: np.ndarray, blocks: np.ndarray, n_blocks:
     """
     shift = np.asarray(hidden.isel(example=0).values, dtype=np.float64)
     args = (n_blocks, n_classes)
-    if _is_dask(hidden.data):
+    if is_dask(hidden.data):
         import dask
 
         data = hidden.data.rechunk({1: -1, 2: -1})
@@ -265,7 +265,7 @@ def singular_alignment(moments: Moments, directions: np.ndarray, pairs: list[tup
         basis = _top_eigenvectors(pair_m2[0], max(subspace, 2))
         if len(basis) == 0:
             continue
-        _, _, projected = _pooled(n, mean @ basis.T, np.einsum("ki,uij,lj->ukl", basis, m2, basis), w)
+        _, _, projected = _pooled(n, mean @ basis.T, np.einsum("ki,uij,lj->ukl", basis, m2, basis, optimize=True), w)
         _, vectors = np.linalg.eigh(projected)
         top = vectors[:, :, -min(2, len(basis)):]
         out[:, column] = np.abs(np.einsum("bkr,k->br", top, basis @ d)).max(axis=1)
@@ -275,9 +275,10 @@ def singular_alignment(moments: Moments, directions: np.ndarray, pairs: list[tup
 def effective_dimension(moments: Moments, weights: np.ndarray) -> np.ndarray:
     """Participation ratio tr(M)² / tr(M²) of the centred second moment M of all examples, per weight row (B,).
 
-    With R_u = M_u + n_u m_u m_uᵀ (m_u: unit means about the pooled mean) and a = w n / N, the resample's
-    M = Σ w_u R_u - N μμᵀ with μ = Σ a_u m_u, so tr M² = wᵀKw - 2N Σ_v w_v aᵀT_v a + N²|μ|⁴ with K_uv = <R_u, R_v>
-    and T_v[u, u'] = m_uᵀ R_v m_u', formed once per layer (units² x d²).
+    With c_u the unit means about their pooled mean, R_u = M_u + n_u c_u c_uᵀ, N = Σ w_u n_u and μ = Σ w_u n_u c_u / N,
+    a resample's M = S - N μμᵀ with S = Σ w_u R_u, so tr M = Σ w_u tr R_u - N|μ|² and
+    tr M² = wᵀKw - 2N Σ_u w_u μᵀR_uμ + N²|μ|⁴ (K_uv = <R_u, R_v>, formed once: units² x d²). μ lies in the span
+    of the unit means (orthonormal basis Q, rank r <= units), so μᵀR_uμ needs only QᵀM_uQ (r x r per unit).
     """
     n = moments.count.reshape(-1)
     dim = moments.mean.shape[-1]
@@ -288,14 +289,18 @@ def effective_dimension(moments: Moments, weights: np.ndarray) -> np.ndarray:
     raw = m2 + n[:, None, None] * centred[:, :, None] * centred[:, None, :]
     flat = raw.reshape(len(n), -1)
     K = flat @ flat.T
-    T = np.einsum("ui,vij,wj->vuw", centred, raw, centred)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    Q = vt[singular > max(RANK_TOLERANCE * singular[:1].max(initial=0.0), 0.0)]
+    coords = centred @ Q.T  # (U, r)
+    inner = np.einsum("ki,uij,lj->ukl", Q, m2, Q, optimize=True)  # QᵀM_uQ
     total = w @ n
     with np.errstate(divide="ignore", invalid="ignore"):
-        a = w * n / total[:, None]
-        mu = a @ centred
-        mu_sq = np.einsum("bd,bd->b", mu, mu)
+        z = (w * n) @ coords / total[:, None]  # μ in the basis
+        mu_sq = np.einsum("bk,bk->b", z, z)
+        along = z @ coords.T  # (B, U): c_uᵀμ
+        quad = np.einsum("bk,ukl,bl->bu", z, inner, z, optimize=True) + n * along**2  # μᵀR_uμ
         trace = w @ np.trace(raw, axis1=1, axis2=2) - total * mu_sq
-        square = (np.einsum("bu,uv,bv->b", w, K, w) - 2 * total * np.einsum("bv,vuw,bu,bw->b", w, T, a, a)
+        square = (np.einsum("bu,uv,bv->b", w, K, w) - 2 * total * np.einsum("bu,bu->b", w, quad)
                   + total**2 * mu_sq**2)
         values = trace**2 / square
     values[0] = _exact_effective_dimension(n, mean, m2)
@@ -333,3 +338,31 @@ def layer_samples(moments: Moments, hits: np.ndarray | None, label_rows: np.ndar
     if "effective_dimension" in wanted:
         out["effective_dimension"] = effective_dimension(moments, weights)
     return out
+
+
+# --- the store form (a group written by ``extract(..., keep="statistics")``) --------------------------------------
+
+#: Arrays of a statistics group: name -> dims (``dim_t``: the second ``dim`` index of a d x d moment).
+STORED = {
+    "stat_count": ("layer", "block", "class"),
+    "stat_mean": ("layer", "block", "class", "dim"),
+    "stat_m2": ("layer", "block", "class", "dim", "dim_t"),
+    "stat_shift": ("layer", "dim"),
+}
+
+
+def stored_layout(n_layers: int, n_blocks: int, n_classes: int, dim: int) -> dict[str, tuple]:
+    """(dims, shape, dtype) of each statistics array, as :class:`extraction.store.GroupWriter.create` takes them."""
+    sizes = {"layer": n_layers, "block": n_blocks, "class": n_classes, "dim": dim, "dim_t": dim}
+    return {name: (dims, tuple(sizes[d] for d in dims), "float64") for name, dims in STORED.items()}
+
+
+def stored_values(moments: Moments, shift: np.ndarray) -> dict[str, np.ndarray]:
+    """The statistics arrays' values (layer-leading moments and the per-layer shift)."""
+    return {"stat_count": moments.count, "stat_mean": moments.mean, "stat_m2": moments.m2, "stat_shift": shift}
+
+
+def stored_moments(ds: Any, layer: int) -> Moments:
+    """One layer's unit moments read from a statistics group (an xarray Dataset)."""
+    one = ds[["stat_count", "stat_mean", "stat_m2"]].sel(layer=layer)
+    return Moments(one["stat_count"].values, one["stat_mean"].values, one["stat_m2"].values)
