@@ -29,7 +29,7 @@ Memory: units x d² float64 per layer (``n_blocks`` x classes x d² x 8 bytes), 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from scipy.linalg import eigh
@@ -87,26 +87,32 @@ def assign_blocks(labels: np.ndarray, n_blocks: int) -> np.ndarray:
     return blocks
 
 
+def _units(X: np.ndarray, labels: np.ndarray, blocks: np.ndarray) -> Iterator[tuple[int, int, Moments]]:
+    """The moments (leading axis: layer) of each (block, class) unit present in shifted states ``X`` (n, L, d)."""
+    for g, c in sorted(set(zip(blocks.tolist(), labels.tolist()))):
+        rows = X[(blocks == g) & (labels == c)]
+        mean = rows.mean(axis=0)
+        centred = rows - mean
+        yield g, c, Moments(np.full(X.shape[1], float(len(rows))), mean,
+                            np.einsum("nli,nlj->lij", centred, centred))
+
+
 def chunk_moments(H: np.ndarray, labels: np.ndarray, blocks: np.ndarray, shift: np.ndarray, n_blocks: int,
                   n_classes: int) -> Moments:
     """Moments of one chunk of states ``H`` (n, L, d) per layer and unit (``shift`` (L, d) is subtracted first)."""
     X = np.asarray(H, dtype=np.float64) - shift
     out = Moments.zeros((X.shape[1],), n_blocks, n_classes, X.shape[2])
-    for g, c in sorted(set(zip(blocks.tolist(), labels.tolist()))):
-        rows = X[(blocks == g) & (labels == c)]
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        out.count[:, g, c] = len(rows)
-        out.mean[:, g, c] = mean
-        out.m2[:, g, c] = np.einsum("nli,nlj->lij", centred, centred)
+    for g, c, unit in _units(X, labels, blocks):
+        out.count[:, g, c], out.mean[:, g, c], out.m2[:, g, c] = unit.count, unit.mean, unit.m2
     return out
 
 
 class Accumulator:
-    """Running moments of a stream of chunks (fixed memory): ``add`` each chunk, read ``moments`` at the end.
+    """Running moments of a stream of chunks in fixed memory: ``add`` each chunk, read ``moments`` at the end.
 
     ``blocks`` gives every example's block (see :func:`assign_blocks`), indexed by the example positions passed to
-    :meth:`add`; the first chunk's first state of each layer becomes the ``shift``.
+    :meth:`add`; the first chunk's first state of each layer becomes the ``shift``. Only the units a chunk touches
+    are updated (in place), so a chunk costs its own size, not the size of all units.
     """
 
     def __init__(self, blocks: np.ndarray, n_blocks: int, n_classes: int):
@@ -116,10 +122,15 @@ class Accumulator:
 
     def add(self, index: np.ndarray, H: np.ndarray, labels: np.ndarray) -> None:
         """Fold in the states ``H`` (n, L, d) of the examples at positions ``index`` with classes ``labels``."""
-        if self.shift is None:
-            self.shift = np.asarray(H[0], dtype=np.float64)
-        part = chunk_moments(H, labels, self.blocks[index], self.shift, self.n_blocks, self.n_classes)
-        self.moments = part if self.moments is None else merge(self.moments, part)
+        X = np.asarray(H, dtype=np.float64)
+        if self.moments is None:
+            self.shift = X[0].copy()
+            self.moments = Moments.zeros((X.shape[1],), self.n_blocks, self.n_classes, X.shape[2])
+        total = self.moments
+        for g, c, unit in _units(X - self.shift, labels, self.blocks[index]):
+            old = Moments(total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c])
+            new = merge(old, unit)
+            total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c] = new.count, new.mean, new.m2
 
 
 # --- one layer's statistics from a store ---------------------------------------------------------------------------

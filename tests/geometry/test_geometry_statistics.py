@@ -124,3 +124,37 @@ def test_reduction_on_a_local_cluster_equals_in_memory(tiny_store, client, tmp_p
     xr.testing.assert_allclose(measure(ds, **kwargs)["value"], on_cluster["value"], rtol=1e-6, atol=1e-9)
     store = measure(tiny_store, "topic", engine="statistics", **kwargs)
     xr.testing.assert_allclose(measure(tiny_store, "topic", **kwargs)["value"], store["value"], rtol=1e-6, atol=1e-9)
+
+
+# --- extract(..., keep="statistics") -------------------------------------------------------------------------------
+
+def test_extracted_statistics_equal_the_stored_states_path(tiny_gemma, tiny_store, tmp_path):
+    from extraction.extractor import extract
+
+    path = tmp_path / "stats.zarr"
+    group = extract(tiny_gemma, path, task="topic", shots=2, n=24, setting="topic", keep="statistics",
+                    statistics_blocks=4, progress=False)
+    assert "hidden" not in group and group["stat_m2"].dims == ("layer", "block", "class", "dim", "dim_t")
+    assert group.attrs["keep"] == "statistics" and bool(group["done"].all())
+    kwargs = dict(measures=FROM_STATISTICS, n_boot=100, n_blocks=4, progress=False, engine="statistics")
+    from_stats = measure(path, "topic", **kwargs)
+    from_states = measure(tiny_store, "topic", **kwargs)
+    assert from_stats.attrs["statistics_source"] == "stored statistics"
+    for name in ("value", "ci_low", "ci_high"):
+        xr.testing.assert_allclose(from_states[name], from_stats[name], rtol=1e-6, atol=1e-9)
+    # and the values are the in-memory sweep's
+    in_memory = measure(tiny_store, "topic", measures=FROM_STATISTICS, n_boot=0, progress=False)
+    xr.testing.assert_allclose(in_memory["value"], from_stats["value"], rtol=1e-6, atol=1e-9)
+    # separability needs states: skipped by default, refused by name
+    default = measure(path, "topic", engine="statistics", n_boot=0, progress=False)
+    assert set(default.attrs["skipped_measures"]) == {"separability", "denoising_gain"}
+    with pytest.raises(MeasureError, match="separability needs stored states"):
+        measure(path, "topic", measures=["separability"], engine="statistics", progress=False)
+
+
+def test_keep_is_checked(tiny_gemma, tmp_path):
+    from extraction.errors import StoreError
+    from extraction.extractor import extract
+
+    with pytest.raises(StoreError, match="keep must be one of states, statistics"):
+        extract(tiny_gemma, tmp_path / "s.zarr", n=4, keep="moments", progress=False)
