@@ -353,18 +353,19 @@ def layer_samples(moments: Moments, hits: np.ndarray | None, label_rows: np.ndar
 
 # --- the store form (a group written by ``extract(..., keep="statistics")``) --------------------------------------
 
-#: Arrays of a statistics group: name -> dims (``dim_t``: the second ``dim`` index of a d x d moment).
+#: Arrays of a statistics group: name -> dims (``resample_block``: the bootstrap's blocks of queries, not a decoder
+#: ``block``; ``dim_t``: the second ``dim`` index of a d x d moment).
 STORED = {
-    "stat_count": ("layer", "block", "class"),
-    "stat_mean": ("layer", "block", "class", "dim"),
-    "stat_m2": ("layer", "block", "class", "dim", "dim_t"),
+    "stat_count": ("layer", "resample_block", "class"),
+    "stat_mean": ("layer", "resample_block", "class", "dim"),
+    "stat_m2": ("layer", "resample_block", "class", "dim", "dim_t"),
     "stat_shift": ("layer", "dim"),
 }
 
 
 def stored_layout(n_layers: int, n_blocks: int, n_classes: int, dim: int) -> dict[str, tuple]:
     """(dims, shape, dtype) of each statistics array, as :class:`extraction.store.GroupWriter.create` takes them."""
-    sizes = {"layer": n_layers, "block": n_blocks, "class": n_classes, "dim": dim, "dim_t": dim}
+    sizes = {"layer": n_layers, "resample_block": n_blocks, "class": n_classes, "dim": dim, "dim_t": dim}
     return {name: (dims, tuple(sizes[d] for d in dims), "float64") for name, dims in STORED.items()}
 
 

@@ -84,7 +84,7 @@ def measure_layers(ds: xr.Dataset, settings: SweepSettings, chosen: list[int], *
         labels = check_labels(ds["label"].values, ds.sizes["example"])
         n_classes = ds.sizes["class"] if "class" in ds.dims else int(labels.max()) + 1
         if stored:
-            n_blocks = ds.sizes["block"]
+            n_blocks = ds.sizes["resample_block"]
         n_blocks = check_int(statistics.N_BLOCKS if n_blocks is None else n_blocks, "n_blocks", 1)
         blocks = statistics.assign_blocks(labels, n_blocks)
         rows = None

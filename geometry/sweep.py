@@ -19,6 +19,9 @@ has none (see :mod:`geometry.lens`): asked for by name, the measure is refused w
 default set it is skipped with a logged warning, its values are NaN and the result's attr ``skipped_measures``
 names it (``skip_reasons`` says why).
 
+``engine="statistics"`` computes the measures from per-chunk sufficient statistics instead and never holds a layer
+(see :mod:`geometry.statistics_sweep`); everything above describes the default ``engine="states"``.
+
 Caveat: a resample repeats some queries, which lowers the rank of the resampled states, so when n is not much
 larger than d the effective dimension's interval lies below its value (the percentile bootstrap is biased for
 this statistic); read it as a spread, not as coverage.

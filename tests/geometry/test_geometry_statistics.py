@@ -134,7 +134,7 @@ def test_extracted_statistics_equal_the_stored_states_path(tiny_gemma, tiny_stor
     path = tmp_path / "stats.zarr"
     group = extract(tiny_gemma, path, task="topic", shots=2, n=24, setting="topic", keep="statistics",
                     statistics_blocks=4, progress=False)
-    assert "hidden" not in group and group["stat_m2"].dims == ("layer", "block", "class", "dim", "dim_t")
+    assert "hidden" not in group and group["stat_m2"].dims == ("layer", "resample_block", "class", "dim", "dim_t")
     assert group.attrs["keep"] == "statistics" and bool(group["done"].all())
     kwargs = dict(measures=FROM_STATISTICS, n_boot=100, n_blocks=4, progress=False, engine="statistics")
     from_stats = measure(path, "topic", **kwargs)
