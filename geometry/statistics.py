@@ -23,7 +23,9 @@ blocks it resamples blocks of i.i.d. queries, which estimates the same spread wi
 (about ``n_blocks`` per class). Singular alignment of a resample is solved in the span of the pair's top
 ``subspace`` principal directions, as in the in-memory sweep; the value itself is exact.
 
-Memory: units x d² float64 per layer (``n_blocks`` x classes x d² x 8 bytes), whatever the number of examples.
+Memory: units x d² float64 per layer (``n_blocks`` x classes x d² x 8 bytes), whatever the number of examples;
+each Dask chunk task holds one such set too (d = 4,096, 16 blocks, 2 classes: 4.3 GB), so lower ``n_blocks`` for
+wide models (the full d x d moments are kept; a low-rank form is not built).
 """
 
 from __future__ import annotations

@@ -158,3 +158,31 @@ def test_keep_is_checked(tiny_gemma, tmp_path):
 
     with pytest.raises(StoreError, match="keep must be one of states, statistics"):
         extract(tiny_gemma, tmp_path / "s.zarr", n=4, keep="moments", progress=False)
+
+
+def test_an_interrupted_statistics_run_marks_nothing_done_and_reruns_whole(tiny_gemma, tmp_path, monkeypatch):
+    from extraction.errors import StoreError
+    from extraction.extractor import extract
+    from extraction.store import open_group as open_store_group
+
+    kwargs = dict(task="sentiment", shots=2, n=16, batch_size=4, keep="statistics", statistics_blocks=2,
+                  progress=False)
+    clean = extract(tiny_gemma, tmp_path / "clean.zarr", **kwargs)
+    calls = []
+    original = st.Accumulator.add
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        original(self, *args)
+
+    monkeypatch.setattr(st.Accumulator, "add", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tiny_gemma, tmp_path / "cut.zarr", **kwargs)
+    with pytest.raises(StoreError, match="incomplete \\(16 examples not written\\)"):
+        open_store_group(tmp_path / "cut.zarr", "icl")
+    monkeypatch.setattr(st.Accumulator, "add", original)
+    resumed = extract(tiny_gemma, tmp_path / "cut.zarr", **kwargs)
+    for name in ("stat_count", "stat_mean", "stat_m2"):
+        np.testing.assert_allclose(resumed[name].values, clean[name].values, rtol=1e-12, atol=1e-12)
