@@ -24,6 +24,7 @@ from extraction.interventions import (Batch, Intervention, as_interventions, int
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.prompts import PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
+from extraction.statistics_writer import KEEP, StatisticsWriter
 from extraction.store import GroupWriter, library_versions, open_group
 from extraction.tasks import Task, load_task
 
@@ -96,6 +97,8 @@ def extract(
     intervention: Intervention | Sequence[Intervention] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    keep: str = "states",
+    statistics_blocks: int = 16,
 ) -> xr.Dataset:
     """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
 
@@ -104,6 +107,11 @@ def extract(
     every forward pass of the run and recorded exactly with the group (see :mod:`extraction.interventions`).
     Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
     included) into an existing group are refused unless ``overwrite``.
+
+    ``keep="statistics"`` keeps, per layer and class (in ``statistics_blocks`` blocks, the bootstrap's units), the
+    running count, mean and centred second moment of the query states instead of the states: fixed memory and
+    store size for any number of prompts; measure the group with ``geometry.measure(..., engine="statistics")``
+    (see :mod:`extraction.statistics_writer`).
     """
     interventions = as_interventions(intervention)
     refuse_active(loaded.arch)
@@ -127,7 +135,7 @@ def extract(
         "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
         "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": records,
     }
-    writer = GroupWriter(out, setting, config, overwrite=overwrite)
+    writer = _writer(out, setting, config, overwrite, keep, statistics_blocks, prompts, len(tokens))
     if not writer.exists:
         static, lens_attrs = _static(loaded, prompts.label_words, tokens)
         writer.create(
@@ -141,6 +149,20 @@ def extract(
         )
     _fill(loaded, writer, prompts, tokens, interventions, batch_size, store_dtype, progress)
     return open_group(out, setting)
+
+
+def _writer(out: str | Path, setting: str, config: dict, overwrite: bool, keep: str, blocks: int,
+            prompts: PromptSet, n_classes: int) -> GroupWriter:
+    """The group's writer: every state stored, or (``keep="statistics"``) only their running statistics."""
+    if keep not in KEEP:
+        raise StoreError(f"keep must be one of {', '.join(KEEP)}, not {keep!r}")
+    if keep == "states":
+        return GroupWriter(out, setting, config, overwrite=overwrite)
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise StoreError(f"statistics_blocks must be an integer >= 1, not {blocks!r}")
+    labels = np.array([p.label for p in prompts.prompts])
+    return StatisticsWriter(out, setting, {**config, "keep": keep, "statistics_blocks": blocks}, labels=labels,
+                            n_classes=n_classes, n_blocks=blocks, overwrite=overwrite)
 
 
 def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray) -> np.ndarray:

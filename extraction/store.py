@@ -193,11 +193,14 @@ class GroupWriter:
         self.node = node
         consolidate(self.path)
 
-    def write(self, index: np.ndarray, values: dict[str, np.ndarray]) -> None:
-        """Write one batch at example positions ``index`` (sorted, contiguous or not), then mark it done."""
+    def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
+        """Write one batch at example positions ``index`` (sorted, contiguous or not), then mark it done (unless not
+        ``done``: a writer that completes examples later marks them itself)."""
         for name, value in values.items():
             array = self.node[name]
             array.set_orthogonal_selection((index,) + (slice(None),) * (array.ndim - 1), np.asarray(value))
+        if not done:
+            return
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
         if len(self.pending()) == 0:
             consolidate(self.path)

@@ -19,6 +19,9 @@ has none (see :mod:`geometry.lens`): asked for by name, the measure is refused w
 default set it is skipped with a logged warning, its values are NaN and the result's attr ``skipped_measures``
 names it (``skip_reasons`` says why).
 
+``engine="statistics"`` computes the measures from per-chunk sufficient statistics instead and never holds a layer
+(see :mod:`geometry.statistics_sweep`); everything above describes the default ``engine="states"``.
+
 Caveat: a resample repeats some queries, which lowers the rank of the resampled states, so when n is not much
 larger than d the effective dimension's interval lies below its value (the percentile bootstrap is biased for
 this statistic); read it as a spread, not as coverage.
@@ -55,6 +58,7 @@ NEEDS = {"output_alignment": ("lens_top_token", "label_token"), "denoising_gain"
 DIRECTED = {"variance_alignment": "variance", "mean_alignment": "mean", "composite_alignment": "composite"}
 ALIGNMENT = {"singular_alignment", *DIRECTED}
 PARALLEL = ("dask", "threads", "serial")
+ENGINES = ("states", "statistics")
 CI_METHOD = "95% percentile bootstrap over queries, resampled within each gold class"
 
 
@@ -140,10 +144,11 @@ def _group_arrays(ds: xr.Dataset, settings: SweepSettings, explicit: bool, where
                        ds["label_token"].values if "label_token" in ds else None, np.vstack([ones, resamples]))
 
 
-def _separability(H: np.ndarray, arrays: GroupArrays, settings: SweepSettings) -> np.ndarray:
-    value = separability(H, arrays.labels, seed=settings.seed, test_size=settings.test_size, cv=settings.cv)
+def separability_samples(H: np.ndarray, labels: np.ndarray, settings: SweepSettings) -> np.ndarray:
+    """Separability of one layer's states followed by its probe-refit bootstrap resamples."""
+    value = separability(H, labels, seed=settings.seed, test_size=settings.test_size, cv=settings.cv)
     n_boot = min(settings.n_boot, settings.n_boot_separability)
-    boot = separability_bootstrap(H, arrays.labels, n_boot, seed=settings.seed, test_size=settings.test_size)
+    boot = separability_bootstrap(H, labels, n_boot, seed=settings.seed, test_size=settings.test_size)
     return np.concatenate([[value], boot])
 
 
@@ -154,7 +159,7 @@ def layer_samples(H: np.ndarray, top_token: np.ndarray | None, arrays: GroupArra
     weights = arrays.counts
     out: dict[str, np.ndarray] = {}
     if "separability" in wanted:
-        out["separability"] = _separability(H, arrays, settings)
+        out["separability"] = separability_samples(H, arrays.labels, settings)
     if "output_alignment" in wanted:
         hits = lens_hits(top_token, arrays.labels, arrays.label_token)
         out["output_alignment"] = weights @ hits / len(hits)
@@ -179,7 +184,7 @@ def layer_samples(H: np.ndarray, top_token: np.ndarray | None, arrays: GroupArra
     return out
 
 
-def _summarise(samples: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+def summarise(samples: dict[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
     """(3, measures): value, CI low, CI high."""
     table = np.full((3, len(names)), np.nan)
     for j, name in enumerate(names):
@@ -246,7 +251,8 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
             n_boot: int = 1000, seed: int = 0, rank: int = 10, layers: Sequence[int] | None = None,
             progress: bool = True, parallel: str | None = None, n_boot_separability: int = 50,
             test_size: float = 0.5, cv: int | None = None, singular_subspace: int = 16,
-            unembedding: str = "unembed", normalize_variance: bool = True) -> xr.Dataset:
+            unembedding: str = "unembed", normalize_variance: bool = True, engine: str = "states",
+            n_blocks: int | None = None, separability_subsample: int = 4096) -> xr.Dataset:
     """Every measure at every layer of one group: a Dataset with ``value``, ``ci_low``, ``ci_high`` (layer, measure).
 
     ``store`` is a store path (the group is opened lazily) or an already opened group Dataset (``group`` is then
@@ -261,13 +267,61 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
     dᵀ(H̄ᵀH̄/n)d (see :func:`geometry.variance_alignment`). The attrs record every parameter, the group, its
     accuracy (whole vocabulary, from ``correct``), label-restricted accuracy and any skipped measure (see the
     module docstring on the denoising gain).
+
+    ``engine="statistics"`` never loads a whole layer: the measures come from per-chunk sufficient statistics
+    (Dask reductions when the store opens with Dask; ``n_blocks`` blocks per class are the bootstrap's units),
+    separability from a probe on a seeded stratified subsample of ``separability_subsample`` queries, and a group
+    written with ``extract(..., keep="statistics")`` is read directly; see :mod:`geometry.statistics_sweep`.
+    ``parallel`` does not apply to it (the Dask scheduler in use does the work).
     """
     settings = _settings(measures, n_boot, n_boot_separability, seed, rank, test_size, cv, singular_subspace,
                          unembedding, normalize_variance)
+    if engine not in ENGINES:
+        raise MeasureError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     ds, name, source = _open(store, group)
     chosen = check_layers(ds["layer"].values, layers)
+    if engine == "statistics":
+        from geometry.statistics_sweep import measure_layers
+
+        run = measure_layers(ds, settings, chosen, name=name, source=source, explicit=measures is not None,
+                             n_blocks=n_blocks, subsample=separability_subsample, progress=progress)
+    else:
+        run = _measure_states(ds, settings, chosen, name=name, source=source, explicit=measures is not None,
+                              parallel=parallel, progress=progress)
+    record = {key: "none" if value is None else value for key, value in asdict(settings).items()}
+    attrs = {
+        "group": name, "store": source, **record, "measures": list(settings.measures), "layers": chosen,
+        "parallel": run.mode, "engine": engine, "ci": run.ci, "n_examples": run.n_examples, **run.attrs,
+        "classes": [str(c) for c in ds["class"].values] if "class" in ds.coords else [],
+        "pairwise_measures": [m for m in PAIRWISE if m in settings.measures],
+        "lens_center": bool(ds.attrs.get("lens_center", False)), **group_accuracy(ds),
+        "skipped_measures": list(run.skipped), "skip_reasons": list(run.skipped.values()),
+        **{key: ds.attrs[key] for key in ("task", "shots") if key in ds.attrs},
+    }
+    dims = ("layer", "measure")
+    tables = run.tables
+    return xr.Dataset({"value": (dims, tables[:, 0]), "ci_low": (dims, tables[:, 1]), "ci_high": (dims, tables[:, 2])},
+                      coords={"layer": chosen, "measure": list(settings.measures)}, attrs=attrs)
+
+
+@dataclass(frozen=True)
+class LayerRun:
+    """What an engine returns: (layers, 3, measures) tables and what the result's attrs record about the run."""
+
+    tables: np.ndarray
+    n_examples: int
+    mode: str
+    ci: str
+    skipped: dict[str, str]  # measure -> why it is NaN
+    attrs: dict[str, Any]
+
+
+def _measure_states(ds: xr.Dataset, settings: SweepSettings, chosen: list[int], *, name: str, source: str,
+                    explicit: bool, parallel: str | None, progress: bool) -> LayerRun:
+    """The default engine: each layer's states read into memory, the measures computed by the pure kernels."""
+    where = f"group {name!r} of {source}"
     with reading(source):
-        arrays = _group_arrays(ds, settings, explicit=measures is not None, where=f"group {name!r} of {source}")
+        arrays = _group_arrays(ds, settings, explicit=explicit, where=where)
     mode = resolve_parallel(parallel)
     log.info("measuring %s (%d layers, %d examples, %d resamples, %s)", name, len(chosen), len(arrays.labels),
              settings.n_boot, mode)
@@ -276,25 +330,14 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
         with reading(source):
             H = ds["hidden"].sel(layer=layer).values
             top = ds["lens_top_token"].sel(layer=layer).values if "output_alignment" in settings.measures else None
-        return _summarise(layer_samples(H, top, arrays, settings), settings.measures)
+        return summarise(layer_samples(H, top, arrays, settings), settings.measures)
 
     with probe_fitting(), tqdm(total=len(chosen), desc=f"measure {name}", unit="layer", disable=not progress) as bar:
         tables = np.stack(map_layers(one_layer, chosen, mode, bar))
-    skipped = "denoising_gain" in settings.measures and arrays.lens is None
-    record = {key: "none" if value is None else value for key, value in asdict(settings).items()}
-    attrs = {
-        "group": name, "store": source, **record, "measures": list(settings.measures), "layers": chosen,
-        "parallel": mode, "ci": CI_METHOD, "n_examples": len(arrays.labels),
-        "classes": [str(c) for c in ds["class"].values] if "class" in ds.coords else [],
-        "pairwise_measures": [m for m in PAIRWISE if m in settings.measures],
-        "lens_center": bool(ds.attrs.get("lens_center", False)), **group_accuracy(ds),
-        "skipped_measures": ["denoising_gain"] if skipped else [],
-        "skip_reasons": [lens_refusal(ds.attrs, f"group {name!r}")] if skipped else [],
-        **{key: ds.attrs[key] for key in ("task", "shots") if key in ds.attrs},
-    }
-    dims = ("layer", "measure")
-    return xr.Dataset({"value": (dims, tables[:, 0]), "ci_low": (dims, tables[:, 1]), "ci_high": (dims, tables[:, 2])},
-                      coords={"layer": chosen, "measure": list(settings.measures)}, attrs=attrs)
+    skipped = {}
+    if "denoising_gain" in settings.measures and arrays.lens is None:
+        skipped["denoising_gain"] = lens_refusal(ds.attrs, f"group {name!r}")
+    return LayerRun(tables, len(arrays.labels), mode, CI_METHOD, skipped, {})
 
 
 def measured_groups(store: str | Path) -> list[str]:

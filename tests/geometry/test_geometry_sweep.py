@@ -1,8 +1,5 @@
 """The layer sweep over a tiny-model store: shape, CIs, attrs, parallel modes, the tidy table and the lens."""
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import xarray as xr
@@ -61,14 +58,15 @@ def test_parallel_modes_agree(tiny_store, monkeypatch):
     serial = measure(tiny_store, "topic", parallel="serial", **kwargs)
     threads = measure(tiny_store, "topic", parallel="threads", **kwargs)
     xr.testing.assert_equal(serial[["value", "ci_low", "ci_high"]], threads[["value", "ci_low", "ci_high"]])
-    # Dask is optional: with a stand-in exposing delayed/compute the same tasks run through it
-    fake = types.ModuleType("dask")
-    fake.delayed = lambda fn: lambda *args: (fn, args)
-    fake.compute = lambda *tasks: tuple(fn(*args) for fn, args in tasks)
-    monkeypatch.setitem(sys.modules, "dask", fake)
+    # the test extra installs Dask: auto picks it, and the same tasks run as dask.delayed
     dask = measure(tiny_store, "topic", parallel=None, **kwargs)
     assert dask.attrs["parallel"] == "dask"
     xr.testing.assert_equal(serial["value"], dask["value"])
+    # without Dask, auto falls back to threads and asking for it says what to install
+    monkeypatch.setattr("geometry.sweep._dask_available", lambda: False)
+    assert measure(tiny_store, "topic", parallel=None, **kwargs).attrs["parallel"] == "threads"
+    with pytest.raises(MeasureError, match=r"parallel='dask' needs Dask: pip install 'icl-geometry\[dask\]'"):
+        measure(tiny_store, "topic", parallel="dask", **kwargs)
 
 
 def test_in_memory_dataset_and_multiclass(tiny_store):

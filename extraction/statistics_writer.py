@@ -1,0 +1,56 @@
+"""``extract(..., keep="statistics")``: keep running per-layer, per-class statistics of the query states, not the states.
+
+The writer folds each batch's query states into the (block, class) moments of :mod:`geometry.statistics`
+(count, mean, centred d x d second moment, per layer; blocks as :func:`geometry.statistics.assign_blocks` deals
+them) and writes every other per-example array (labels, predictions, lens tokens ...) as usual. So a run's memory
+and store size are fixed in the number of prompts: layers x ``n_blocks`` x classes x d² float64 (Gemma 3 270M,
+16 blocks, 2 classes: 19 x 16 x 2 x 640² x 8 B = 2 GB; choose fewer blocks for larger models).
+
+The statistics arrays (``stat_count``, ``stat_mean``, ``stat_m2``, ``stat_shift``; see
+:data:`geometry.statistics.STORED`) are written when the last example is in, and only then are the examples marked
+done: an interrupted run leaves no example done and its rerun starts over (nothing lost twice, nothing counted
+twice). ``geometry.measure(store, group, engine="statistics")`` reads them directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from extraction.store import GroupWriter, consolidate
+from geometry.statistics import Accumulator, assign_blocks, stored_layout, stored_values
+
+KEEP = ("states", "statistics")
+
+
+class StatisticsWriter(GroupWriter):
+    """A :class:`GroupWriter` that keeps the moments of ``hidden`` instead of ``hidden`` (see the module doc)."""
+
+    def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, labels: np.ndarray,
+                 n_classes: int, n_blocks: int, overwrite: bool = False):
+        super().__init__(path, group, config, overwrite=overwrite)
+        self.n_classes, self.n_blocks = n_classes, n_blocks
+        self.accumulator = Accumulator(assign_blocks(np.asarray(labels), n_blocks), n_blocks, n_classes)
+        self.remaining = len(self.pending()) if self.exists else len(labels)
+
+    def create(self, arrays: dict[str, tuple], static: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+        """Create the group with the statistics arrays in place of ``hidden``."""
+        _, (_, layers, dim), _ = arrays["hidden"]
+        layout = {name: spec for name, spec in arrays.items() if name != "hidden"}
+        layout.update(stored_layout(layers, self.n_blocks, self.n_classes, dim))
+        super().create(layout, static, {**attrs, "keep": "statistics", "n_blocks": self.n_blocks})
+        self.remaining = len(self.pending())
+
+    def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
+        """Fold the batch's states into the moments, write its other arrays; on the last batch, the statistics."""
+        rest = {name: value for name, value in values.items() if name != "hidden"}
+        self.accumulator.add(index, values["hidden"], np.asarray(values["label"]))
+        super().write(index, rest, done=False)
+        self.remaining -= len(index)
+        if self.remaining == 0:
+            for name, value in stored_values(self.accumulator.moments, self.accumulator.shift).items():
+                self.node[name][...] = value
+            self.node["done"][...] = True
+            consolidate(self.path)
