@@ -25,7 +25,8 @@ from extraction.interventions import (Batch, Intervention, as_interventions, int
                                       stored_arrays)
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
-from extraction.prompts import PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
+from extraction.positions import KIND_CODES
+from extraction.prompts import Encoded, PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
 from extraction.store import GroupWriter, open_group
 from extraction.tasks import Task, load_task
 
@@ -51,7 +52,7 @@ def default_setting(shots: int) -> str:
     return "zero_shot" if shots == 0 else "icl"
 
 
-def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[str, tuple]:
+def _layout(n: int, shots: int, arch, classes: int, store_dtype: str, tokens: int) -> dict[str, tuple]:
     layers = arch.n_states
     return {
         "hidden": (("example", "layer", "dim"), (n, layers, arch.hidden_size), store_dtype),
@@ -65,6 +66,8 @@ def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[st
         "demo_indices": (("example", "shot"), (n, shots), "int32"),
         "prompt": (("example",), (n,), str),
         "n_tokens": (("example",), (n,), "int32"),
+        "position_kind": (("example", "token"), (n, tokens), "int8"),
+        "position_demo": (("example", "token"), (n, tokens), "int16"),
         "done": (("example",), (n,), "bool"),
     }
 
@@ -132,7 +135,7 @@ def extract(
                                  allow_multitoken_labels=allow_multitoken_labels)
     prompts = build_prompts(task_obj, prompt_config)
     tokens = label_token_ids(loaded.tokenizer, prompts)
-    check_context(loaded, prompts)
+    longest = check_context(loaded, prompts)
     setting = setting or default_setting(shots)
     config = {
         **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
@@ -143,11 +146,11 @@ def extract(
     if not writer.exists:
         static, lens_attrs = _static(loaded, prompts.label_words, tokens)
         writer.create(
-            _layout(n, shots, loaded.arch, len(tokens), store_dtype), {**static, **stored_arrays(interventions)},
+            _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest), {**static, **stored_arrays(interventions)},
             {
                 "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
                 "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": records, "provenance": {**loaded.provenance, "libraries": _versions()},
+                "intervention": records, "position_kinds": KIND_CODES, "provenance": {**loaded.provenance, "libraries": _versions()},
                 **lens_attrs,
             },
         )
@@ -160,10 +163,12 @@ def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray)
     return np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in indices])["input_ids"]])
 
 
-def check_context(loaded: LoadedModel, prompts: PromptSet) -> None:
-    """Refuse a prompt longer than the model's context before anything is written (the batches check it again)."""
+def check_context(loaded: LoadedModel, prompts: PromptSet) -> int:
+    """Refuse a prompt longer than the model's context before anything is written (the batches check it again);
+    return the longest prompt's length in tokens."""
     lengths = prompt_lengths(loaded, prompts, np.arange(len(prompts.prompts)))
     check_lengths(lengths, prompts.prompts, loaded.arch.max_context)
+    return int(lengths.max())
 
 
 def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -203,9 +208,25 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], in
             "demo_indices": np.array([p.demo_indices for p in batch], dtype=np.int32).reshape(len(batch), -1),
             "prompt": np.array([p.text for p in batch], dtype=object),
             "n_tokens": encoded.attention_mask.sum(dim=1).numpy(),
+            **_stored_groups(encoded, writer.node),
         })
         bar.update(len(index))
     bar.close()
+
+
+def _stored_groups(encoded: Encoded, node) -> dict[str, np.ndarray]:
+    """The batch's position groups left-aligned (first real token at index 0), padded with -1 to the stored width
+    (none for a group an older version began, which has no position arrays)."""
+    if "position_kind" not in node:
+        return {}
+    width, out = node["position_kind"].shape[1], {}
+    for name, values in (("position_kind", encoded.groups.kind), ("position_demo", encoded.groups.demo)):
+        stored = np.full((len(values), width), -1, values.numpy().dtype)
+        for row, keep in enumerate(encoded.attention_mask.bool()):
+            real = values[row][keep].numpy()
+            stored[row, :len(real)] = real
+        out[name] = stored
+    return out
 
 
 def accuracy(dataset: xr.Dataset) -> dict[str, float]:

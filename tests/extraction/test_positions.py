@@ -83,3 +83,19 @@ def test_a_group_with_no_token_is_an_error_naming_it():
 def test_unknown_template_field_is_refused():
     with pytest.raises(PromptError, match="unknown"):
         prompt_segments("{text} {other} {label}", "\n", [], "q")
+
+
+def test_the_store_holds_each_prompts_groups(tiny_gemma, tmp_path):
+    from extraction.extractor import extract
+
+    ds = extract(tiny_gemma, tmp_path / "s.zarr", task="sentiment", shots=2, n=5, batch_size=2, progress=False)
+    prompts = build_prompts(load_task("sentiment"), shots=2, n=5, seed=0)
+    encoded = encode(tiny_gemma.tokenizer, prompts.prompts)
+    assert ds.attrs["position_kinds"] == KIND_CODES
+    kind, demo = ds["position_kind"].values, ds["position_demo"].values
+    for row in range(5):
+        keep = encoded.attention_mask[row].bool()
+        length = int(ds["n_tokens"][row])
+        assert (kind[row, :length] == encoded.groups.kind[row][keep].numpy()).all()
+        assert (demo[row, :length] == encoded.groups.demo[row][keep].numpy()).all()
+        assert (kind[row, length:] == -1).all() and (demo[row, length:] == -1).all()
