@@ -191,7 +191,7 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], in
     for index in batches_by_length(loaded, prompts, pending, batch_size):
         batch = [prompts.prompts[i] for i in index]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
-        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask)):
+        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)):
             states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
         lens = logit_lens(loaded, states, tokens)
         labels = np.array([p.label for p in batch])

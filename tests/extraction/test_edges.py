@@ -1,0 +1,134 @@
+"""Edge knockout equals a hand reference from eager attention weights, on tiny models of several architectures.
+
+Reference for block b: the attention module's inputs are recorded in a clean run; called on them, the eager module
+returns its weights A (B, H, T, T), and called with a mask that keeps only the diagonal, it writes each position's
+own value vectors into its output projection's input. The knocked-out heads' output is then A with the edge's
+pairs removed and the rows renormalised, times those values; it must equal what the output projection receives in
+the knocked-out run (eager and SDPA).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from extraction.edges import EDGE_TYPES, EdgeKnockout, edge_pairs
+from extraction.errors import InterventionError
+from extraction.interventions import Batch
+from extraction.models import load_model
+from extraction.prompts import build_prompts, encode
+from extraction.tasks import load_task
+from heads.scores import eager_attention
+
+ARCHITECTURES = ["llama", "gemma2", "gemma3", "gpt2", "qwen2", "mistral"]
+SHOTS = 3
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def loaded(request, tiny_model_dirs):
+    return load_model(str(tiny_model_dirs[request.param]), attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def batch(loaded):
+    prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=3, seed=2)
+    encoded = encode(loaded.tokenizer, prompts.prompts)
+    return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
+
+
+def _record(loaded, block, batch, *contexts):
+    """The attention module's (args, kwargs) and the output projection's input at ``block`` in one forward pass."""
+    seen = {}
+    arch = loaded.arch
+
+    def keep_call(module, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    def keep_heads(module, args):
+        seen["heads"] = args[0].detach().clone()
+
+    handles = [arch.attentions[block].register_forward_pre_hook(keep_call, with_kwargs=True),
+               arch.output_projections[block].register_forward_pre_hook(keep_heads)]
+    try:
+        with torch.no_grad():
+            from contextlib import ExitStack
+            with ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def _reference(loaded, block, batch, blocked):
+    """The output projection's input at ``block`` with ``blocked`` (B, 1|H, T, T) removed from the eager weights."""
+    arch = loaded.arch
+    with eager_attention(loaded.model):
+        args, kwargs = _record(loaded, block, batch)["call"]
+        attention = arch.attentions[block]
+        weights = attention(*args, **kwargs)[1]
+        length = weights.shape[-1]
+        diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
+        values = {}
+        handle = arch.output_projections[block].register_forward_pre_hook(
+            lambda module, a: values.setdefault("v", a[0].clone()))
+        try:
+            attention(*args, **{**kwargs, "attention_mask": diagonal})
+        finally:
+            handle.remove()
+    kept = weights.masked_fill(blocked, 0.0)
+    kept = kept / kept.sum(-1, keepdim=True)
+    b, t, _ = values["v"].shape
+    v = values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+    return (kept @ v).transpose(1, 2).reshape(b, t, -1), weights
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("edge", ["y->x", "y->final", "x->y"])
+def test_knockout_equals_the_hand_reference(loaded, batch, edge, implementation):
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    block = 0
+    pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
+    expected, weights = _reference(loaded, block, batch, pairs[:, None])
+    assert weights.masked_select(pairs[:, None].expand_as(weights)).sum() > 0  # the edge carried weight
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        got = _record(loaded, block, batch, EdgeKnockout(edge, blocks=[block]).applied(loaded, batch))["heads"]
+        clean = _record(loaded, block, batch)["heads"]
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+    assert (got[real] - clean[real]).abs().max() > 1e-4
+
+
+def test_chosen_heads_change_only_those_heads(loaded, batch):
+    block, heads = loaded.arch.n_layers - 1, [1]
+    pairs = edge_pairs(EDGE_TYPES["y->final"], batch.groups)
+    chosen = torch.zeros(loaded.arch.n_heads, dtype=torch.bool)
+    chosen[heads] = True
+    expected, _ = _reference(loaded, block, batch, pairs[:, None] & chosen[None, :, None, None])
+    got = _record(loaded, block, batch, EdgeKnockout("y->final", [block], heads).applied(loaded, batch))["heads"]
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_input_is_one_clear_error(loaded, batch):
+    with pytest.raises(InterventionError, match="unknown edge type 'y->z'; use one of"):
+        EdgeKnockout("y->z", [0])
+    with pytest.raises(InterventionError, match="outside the model's blocks"):
+        with EdgeKnockout("y->x", [0, loaded.arch.n_layers]).applied(loaded, batch):
+            pass
+    with pytest.raises(InterventionError, match="needs the prompts' position groups"):
+        with EdgeKnockout("y->x", [0]).applied(loaded):
+            pass
+    one_shot = encode(loaded.tokenizer, build_prompts(load_task("sentiment"), shots=1, n=2).prompts)
+    with pytest.raises(InterventionError, match="connects no positions"):
+        with EdgeKnockout("y->x", [0]).applied(loaded, Batch(one_shot.input_ids, one_shot.attention_mask,
+                                                             one_shot.groups)):
+            pass
