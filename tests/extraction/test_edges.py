@@ -9,6 +9,7 @@ the knocked-out run (eager and SDPA).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,27 @@ def test_bad_input_is_one_clear_error(loaded, batch):
         with EdgeKnockout("y->x", [0]).applied(loaded, Batch(one_shot.input_ids, one_shot.attention_mask,
                                                              one_shot.groups)):
             pass
+
+
+def test_a_knockout_group_extracts_records_and_measures(tiny_gemma, tmp_path):
+    """A knocked-out re-extraction is a store group like any other: recorded exactly, rebuilt, measured."""
+    from extraction.extractor import extract
+    from extraction.interventions import recorded_interventions
+    from extraction.store import open_group
+    from geometry.sweep import measure
+
+    store = tmp_path / "s.zarr"
+    common = dict(task="sentiment", shots=3, n=12, batch_size=4, progress=False)
+    clean = extract(tiny_gemma, store, **common)
+    knockout = EdgeKnockout("y->final", blocks=[2, 3], origin={"scan": "test"})
+    ds = extract(tiny_gemma, store, setting="ko_y->final_2-3", intervention=knockout, **common)
+    (record,) = ds.attrs["intervention"]
+    assert record["kind"] == "edge_knockout" and record["edge"] == "y->final" and record["blocks"] == [2, 3]
+    (rebuilt,) = recorded_interventions(open_group(store, "ko_y->final_2-3"))
+    assert rebuilt.describe() == knockout.describe()
+    # states below the window are untouched, states after it change
+    np.testing.assert_allclose(ds["hidden"][:, :3].values, clean["hidden"][:, :3].values, atol=1e-5)
+    assert np.abs(ds["hidden"][:, 4].values - clean["hidden"][:, 4].values).max() > 1e-4
+    measured = measure(store, "ko_y->final_2-3", n_boot=5, progress=False, parallel="serial")
+    assert measured["value"].sizes["layer"] == tiny_gemma.arch.n_states
+    assert np.isfinite(measured["value"].sel(layer=4).values).any()
