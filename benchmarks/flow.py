@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from extraction.models import load_model  # noqa: E402
-from heads.flow import scan  # noqa: E402
+from heads.flow import edge_scan  # noqa: E402
 
 
 def tiny_llama(folder: Path, blocks: int) -> str:
@@ -72,13 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
         n = args.n or (8 if args.real else 16)
         settings = dict(task="sentiment", shots=args.shots, n=n, width=args.width, batch_size=args.batch_size,
                         n_boot=10, progress=False)
-        scan(loaded, method="fast", **{**settings, "n": min(n, 2)})  # warm-up
+        edge_scan(loaded, method="fast", **{**settings, "n": min(n, 2)})  # warm-up
         times: dict[str, list[float]] = {"fast": [], "naive": []}
         results = {}
         for _ in range(args.rounds):
             for method in ("fast", "naive"):
                 start = time.perf_counter()
-                results[method] = scan(loaded, method=method, **settings)
+                results[method] = edge_scan(loaded, method=method, **settings)
                 times[method].append(time.perf_counter() - start)
         fast, naive = results["fast"], results["naive"]
         report = {

@@ -25,6 +25,8 @@ _EXPORTS = {
     "Intervention": "extraction.interventions",
     "HeadAblation": "extraction.interventions",
     "Injection": "extraction.interventions",
+    "EdgeKnockout": "extraction.edges",
+    "EDGE_TYPES": "extraction.edges",
     "open_group": "extraction.store",
     "list_groups": "extraction.store",
 }

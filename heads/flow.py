@@ -157,7 +157,7 @@ def _summaries(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], labe
     return out
 
 
-def scan(
+def edge_scan(
     loaded: LoadedModel,
     *,
     task: str | Task = "sentiment",
@@ -181,7 +181,7 @@ def scan(
     ``clean_label_logits``, ``clean_top_token`` and ``label``. ``batch_size`` prompts run per clean pass; the fast
     method's re-runs stack ``batch_size * len(edges)`` rows.
 
-    >>> ds = scan(loaded, task="sentiment", shots=4, n=8, width=2)          # doctest: +SKIP
+    >>> ds = edge_scan(loaded, task="sentiment", shots=4, n=8, width=2)          # doctest: +SKIP
     >>> ds["accuracy_change"].sel(edge="y->final").values                   # doctest: +SKIP
     >>> flow_table(ds).head()                                               # doctest: +SKIP
     """

@@ -8,7 +8,7 @@ import pytest
 from extraction.errors import InterventionError
 from extraction.models import load_model
 from heads.errors import HeadsError
-from heads.flow import flow_table, scan
+from heads.flow import edge_scan, flow_table
 
 ARCHITECTURES = ["llama", "gemma2", "gemma3", "gpt2", "qwen2", "mistral"]
 SETTINGS = dict(task="sentiment", shots=3, n=6, seed=1, width=2, batch_size=4, n_boot=200, progress=False)
@@ -20,8 +20,8 @@ def loaded(request, tiny_model_dirs):
 
 
 def test_fast_scan_equals_naive_loop(loaded):
-    fast = scan(loaded, method="fast", **SETTINGS)
-    naive = scan(loaded, method="naive", **SETTINGS)
+    fast = edge_scan(loaded, method="fast", **SETTINGS)
+    naive = edge_scan(loaded, method="naive", **SETTINGS)
     np.testing.assert_allclose(fast["label_logits"], naive["label_logits"], atol=1e-4, rtol=1e-4)
     np.testing.assert_array_equal(fast["top_token"], naive["top_token"])
     for name in ("accuracy_change", "vocab_accuracy", "logit_change", "logit_change_low"):
@@ -31,7 +31,7 @@ def test_fast_scan_equals_naive_loop(loaded):
 
 
 def test_scan_layout_and_table(tiny_gemma):
-    ds = scan(tiny_gemma, **SETTINGS)
+    ds = edge_scan(tiny_gemma, **SETTINGS)
     assert ds["accuracy"].dims == ("edge", "window")
     assert list(ds["edge"].values) == ["y->x", "y->y", "x->y", "y->final", "x->final", "query->final"]
     assert list(ds["window"].values) == [0, 1, 2] and list(ds["window_last"].values) == [1, 2, 3]
@@ -44,8 +44,19 @@ def test_scan_layout_and_table(tiny_gemma):
 
 def test_bad_scan_input(tiny_gemma):
     with pytest.raises(InterventionError, match="unknown edge type"):
-        scan(tiny_gemma, edges=["y->q"], **SETTINGS)
+        edge_scan(tiny_gemma, edges=["y->q"], **SETTINGS)
     with pytest.raises(HeadsError, match="window width 9 does not fit the model's 4 blocks"):
-        scan(tiny_gemma, **{**SETTINGS, "width": 9})
+        edge_scan(tiny_gemma, **{**SETTINGS, "width": 9})
     with pytest.raises(InterventionError, match="connects no positions"):
-        scan(tiny_gemma, edges=["y->y"], **{**SETTINGS, "shots": 1})
+        edge_scan(tiny_gemma, edges=["y->y"], **{**SETTINGS, "shots": 1})
+
+
+@pytest.mark.real_model
+def test_small_scan_on_the_real_model(real_model):
+    """Gemma 3 270M: every edge type over 2 windows (width L - 1), 6 four-shot prompts."""
+    width = real_model.arch.n_layers - 1
+    ds = edge_scan(real_model, task="sentiment", shots=4, n=6, width=width, batch_size=6, n_boot=100, progress=False)
+    assert (ds.sizes["edge"], ds.sizes["window"], ds.sizes["example"]) == (6, 2, 6)
+    assert np.isfinite(ds["logit_change"].values).all()
+    # knocking out y->final in nearly every block changes the answer's logit
+    assert np.abs(ds["logit_change"].sel(edge="y->final").values).max() > 1e-3
