@@ -42,8 +42,8 @@ Use::
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,7 +53,7 @@ import torch
 from extraction.architecture import Architecture
 from extraction.errors import InterventionError
 from extraction.interventions import Batch, Intervention, _json_record
-from extraction.positions import PositionGroups
+from extraction.positions import KIND_CODES, PositionGroups
 
 #: Attention implementations whose attention module reads the mask this module edits.
 MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -211,3 +211,171 @@ class EdgeKnockout(Intervention):
     @classmethod
     def from_record(cls, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> EdgeKnockout:
         return cls(record["edge"], record["blocks"], record["heads"], origin=record.get("origin"))
+
+
+# --- counterfactual patching ---------------------------------------------------------------------------------------
+
+
+def aligned_positions(base: PositionGroups, donor: PositionGroups, row: int, positions: Sequence[int]) -> list[int]:
+    """The donor positions matching base ``positions`` of ``row``: the k-th token of a group (kind, demonstration)
+    in the base is the k-th token of the same group in the donor. Refused when a group's token counts differ."""
+    found = []
+    for position in positions:
+        kind, demo = int(base.kind[row, position]), int(base.demo[row, position])
+        same_base = torch.nonzero((base.kind[row] == kind) & (base.demo[row] == demo)).flatten()
+        same_donor = torch.nonzero((donor.kind[row] == kind) & (donor.demo[row] == demo)).flatten()
+        if len(same_base) != len(same_donor):
+            name = next(k for k, code in KIND_CODES.items() if code == kind)
+            raise InterventionError(
+                f"the {name} group{f' of demonstration {demo + 1}' if demo >= 0 else ''} is {len(same_base)} "
+                f"token(s) in base row {row} but {len(same_donor)} in its donor, so their positions cannot be "
+                "aligned; use donors whose groups tokenize to the same number of tokens (e.g. same label words)")
+        found.append(int(same_donor[int(torch.nonzero(same_base == position)[0, 0])]))
+    return found
+
+
+def _keep(mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+    """An attention mask as a boolean keep-mask (B|1, 1, T, T)."""
+    if mask is None:
+        return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if mask.dtype == torch.bool:
+        return mask[..., :length]
+    return mask[..., :length] > torch.finfo(mask.dtype).min / 2
+
+
+def _gather_positions(value: Any, index: torch.Tensor, length: int) -> Any:
+    """Each per-position tensor (dim 1 of size ``length``) extended by its entries at ``index`` (B, m)."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_gather_positions(item, index, length) for item in value)
+    if not torch.is_tensor(value) or value.ndim < 2 or value.shape[1] != length:
+        return value
+    expanded = value.expand(index.shape[0], *value.shape[1:])
+    rows = torch.arange(index.shape[0], device=value.device)[:, None]
+    return torch.cat([expanded, expanded[rows, index.to(value.device)]], 1)
+
+
+@dataclass
+class _Extension:
+    """What one patched block adds: sender positions per row (B, m), padded with 0 where ``valid`` is False, the
+    donor's attention inputs there (B, m, d) and the receivers that read each of them (B, T, m)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+    donor_inputs: torch.Tensor
+    reads: torch.Tensor
+
+
+def _extended_mask(mask: torch.Tensor | None, pairs: torch.Tensor, ext: _Extension) -> torch.Tensor:
+    """(B, 1, T + m, T + m): base keys as before except the edge's pairs; column T + j open to the receivers of
+    sender j (where the base mask let them see it); the added rows see only themselves."""
+    batch, length, m = ext.reads.shape
+    keep = _keep(mask, length, pairs.device).expand(batch, 1, length, length)
+    out = torch.zeros(batch, 1, length + m, length + m, dtype=torch.bool, device=pairs.device)
+    out[:, :, :length, :length] = keep & ~pairs[:, None]
+    rows = torch.arange(batch, device=pairs.device)[:, None]
+    seen = keep[:, 0].transpose(1, 2)[rows, ext.index].transpose(1, 2)  # (B, T, m): receiver may see sender j
+    out[:, 0, :length, length:] = ext.reads & seen & ext.valid[:, None, :]
+    out[:, 0, length:, length:] = torch.eye(m, dtype=torch.bool, device=pairs.device)
+    if mask is not None and mask.dtype != torch.bool:
+        return torch.zeros(out.shape, dtype=mask.dtype, device=out.device).masked_fill(~out, torch.finfo(mask.dtype).min)
+    return out
+
+
+def _patch_hooks(arch: Architecture, block: int, pairs: torch.Tensor, ext: _Extension, stack: ExitStack) -> None:
+    """Give block ``block``'s attention the extended key set of ``ext`` (see :func:`patched_edge`)."""
+    length = pairs.shape[-1]
+
+    def extend(module, args, kwargs):
+        if "attention_mask" not in kwargs:
+            raise InterventionError(f"the attention module {type(module).__name__} receives no attention_mask "
+                                    "keyword, so edge interventions cannot reach it in this architecture")
+        hidden = args[0] if args else kwargs["hidden_states"]
+        donor = ext.donor_inputs.to(hidden.device, hidden.dtype)
+        hidden = torch.cat([hidden, donor], 1)
+        others = {key: value for key, value in kwargs.items() if key not in ("hidden_states", "attention_mask")}
+        others = {key: _gather_positions(value, ext.index, length) for key, value in others.items()}
+        mask = _extended_mask(kwargs["attention_mask"], pairs.to(hidden.device), ext)
+        if args:
+            return (hidden, *args[1:]), {**others, "attention_mask": mask}
+        return args, {**others, "hidden_states": hidden, "attention_mask": mask}
+
+    def cut(module, args, kwargs, output):
+        if isinstance(output, tuple):
+            return (output[0][:, :length], *output[1:])
+        return output[:, :length]
+
+    attention = arch.attentions[block]
+    stack.callback(attention.register_forward_pre_hook(extend, with_kwargs=True).remove)
+    stack.callback(attention.register_forward_hook(cut, with_kwargs=True).remove)
+
+
+@torch.no_grad()
+def _attention_inputs(model: torch.nn.Module, arch: Architecture, blocks: Sequence[int], batch: Batch
+                      ) -> dict[int, torch.Tensor]:
+    """The attention modules' input hidden states at ``blocks`` in a clean run of ``batch``."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def keep(block: int):
+        def hook(module, args, kwargs):
+            seen[block] = (args[0] if args else kwargs["hidden_states"]).detach()
+        return hook
+
+    with ExitStack() as stack:
+        for block in blocks:
+            stack.callback(arch.attentions[block].register_forward_pre_hook(keep(block), with_kwargs=True).remove)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    return seen
+
+
+@contextmanager
+def patched_edge(loaded: Any, edge: str, blocks: Sequence[int], base: Batch, donor: Batch) -> Iterator[None]:
+    """Forward passes of ``base`` inside the block read the edge's senders from ``donor`` (row r of ``donor`` for row
+    r of ``base``) in ``blocks``, all heads: counterfactual patching of an attention edge.
+
+    For every receiver of the edge, the keys and values at its senders are the donor's: the attention module of each
+    block of the window gets an extended key set, the base positions plus one entry per sender position whose input
+    is the donor run's attention input at the aligned donor position (:func:`aligned_positions`: the k-th token of
+    group y_i in the base reads the k-th token of y_i in the donor; prompts of different lengths align that way,
+    and groups of different token counts are refused). The receivers see the donor entries instead of the base
+    senders (the mask hides the base pairs and opens the added columns only to their receivers); every other
+    position attends as before. The added entries take the base sender's position (its rotary angle), so a receiver
+    reads the donor's content at the base distance. The donor runs clean, once, on entry. Nothing of the attention
+    is re-implemented: the model's own module (eager or SDPA) runs on the extended inputs, and only the base
+    positions of its output are kept.
+
+    >>> with patched_edge(loaded, "y->final", range(10, 13), base, donor):       # doctest: +SKIP
+    ...     logits = loaded.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
+    """
+    from extraction.interventions import architecture_of
+
+    arch = architecture_of(loaded)
+    blocks = check_blocks(arch, list(blocks))
+    check_masked_attention(arch)
+    kind = edge_type(edge)
+    if base.groups is None or donor.groups is None:
+        raise InterventionError("patching needs both batches' position groups: Batch(ids, mask, encode(...).groups)")
+    if base.input_ids.shape[0] != donor.input_ids.shape[0]:
+        raise InterventionError(f"the donor batch has {donor.input_ids.shape[0]} rows for the base's "
+                                f"{base.input_ids.shape[0]}; give one donor prompt per base prompt")
+    pairs = edge_pairs(kind, base.groups)
+    senders = [torch.nonzero(pairs[row].any(0)).flatten().tolist() for row in range(pairs.shape[0])]
+    width = max(len(s) for s in senders)
+    index = torch.zeros(len(senders), width, dtype=torch.long)
+    valid = torch.zeros(len(senders), width, dtype=torch.bool)
+    donor_index = torch.zeros_like(index)
+    for row, positions in enumerate(senders):
+        index[row, :len(positions)] = torch.tensor(positions)
+        valid[row, :len(positions)] = True
+        donor_index[row, :len(positions)] = torch.tensor(aligned_positions(base.groups, donor.groups, row, positions))
+    reads = pairs[torch.arange(len(senders))[:, None, None], torch.arange(pairs.shape[1])[None, :, None],
+                  index[:, None, :]] & valid[:, None, :]
+    model = getattr(loaded, "model", loaded)
+    inputs = _attention_inputs(model, arch, blocks, donor)
+    rows = torch.arange(len(senders))[:, None]
+    with ExitStack() as stack:
+        for block in blocks:
+            donor_inputs = inputs[block][rows.to(inputs[block].device), donor_index.to(inputs[block].device)]
+            device = inputs[block].device
+            ext = _Extension(index.to(device), valid.to(device), donor_inputs, reads.to(device))
+            _patch_hooks(arch, block, pairs, ext, stack)
+        yield

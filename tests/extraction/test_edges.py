@@ -157,3 +157,96 @@ def test_a_knockout_group_extracts_records_and_measures(tiny_gemma, tmp_path):
     measured = measure(store, "ko_y->final_2-3", n_boot=5, progress=False, parallel="serial")
     assert measured["value"].sizes["layer"] == tiny_gemma.arch.n_states
     assert np.isfinite(measured["value"].sel(layer=4).values).any()
+
+
+# --- counterfactual patching -----------------------------------------------------------------------------------------
+
+
+def _donor(loaded, base, seed=7):
+    prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=base.input_ids.shape[0], seed=seed)
+    encoded = encode(loaded.tokenizer, prompts.prompts)
+    return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
+
+
+@torch.no_grad()
+def _weights_and_values(loaded, block, args, kwargs, hidden):
+    """Eager weights (B, H, T, T) and per-head values (B, H, T, hd) of ``block``'s attention on input ``hidden``."""
+    arch = loaded.arch
+    attention = arch.attentions[block]
+    call_args = (hidden, *args[1:]) if args else args
+    call_kwargs = kwargs if args else {**kwargs, "hidden_states": hidden}
+    weights = attention(*call_args, **call_kwargs)[1]
+    length = weights.shape[-1]
+    diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
+    values = {}
+    handle = arch.output_projections[block].register_forward_pre_hook(
+        lambda module, a: values.setdefault("v", a[0].clone()))
+    try:
+        attention(*call_args, **{**call_kwargs, "attention_mask": diagonal})
+    finally:
+        handle.remove()
+    b, t, _ = values["v"].shape
+    return weights, values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_patching_from_the_base_itself_changes_nothing(loaded, batch, implementation):
+    from extraction.edges import patched_edge
+
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        with torch.no_grad():
+            clean = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            with patched_edge(loaded, "y->x", range(loaded.arch.n_layers), batch, batch):
+                same = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(same[real], clean[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("edge", ["y->final", "y->x"])
+def test_patching_equals_the_hand_reference(loaded, batch, edge):
+    """Receiver q reads base keys except its senders, whose keys and values are the donor's: from the eager
+    weights of the base run (W_b) and of a run whose sender inputs are the donor's (W_d), the unnormalised weights
+    are W_b off the pairs and W_d * W_b[q, q] / W_d[q, q] on them, renormalised."""
+    from extraction.edges import aligned_positions, patched_edge
+
+    block = 0
+    donor = _donor(loaded, batch)
+    pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
+    with eager_attention(loaded.model):
+        args, kwargs = _record(loaded, block, batch)["call"]
+        donor_args, donor_kwargs = _record(loaded, block, donor)["call"]
+        base_hidden = args[0] if args else kwargs["hidden_states"]
+        donor_hidden = donor_args[0] if donor_args else donor_kwargs["hidden_states"]
+        substituted = base_hidden.clone()
+        for row in range(pairs.shape[0]):
+            senders = torch.nonzero(pairs[row].any(0)).flatten().tolist()
+            substituted[row, senders] = donor_hidden[row, aligned_positions(batch.groups, donor.groups, row, senders)]
+        w_base, v_base = _weights_and_values(loaded, block, args, kwargs, base_hidden)
+        w_donor, v_donor = _weights_and_values(loaded, block, args, kwargs, substituted)
+        p = pairs[:, None].float()
+        ratio = (torch.diagonal(w_base, dim1=-2, dim2=-1) / torch.diagonal(w_donor, dim1=-2, dim2=-1))[..., None]
+        u = w_base * (1 - p) + w_donor * ratio * p
+        u = u / u.sum(-1, keepdim=True)
+        expected = (u * (1 - p)) @ v_base + (u * p) @ v_donor
+        b, h, t, d = expected.shape
+        expected = expected.transpose(1, 2).reshape(b, t, h * d)
+        with patched_edge(loaded, edge, [block], batch, donor):
+            got = _record(loaded, block, batch)["heads"][:, :t]  # the added key entries' rows are dropped
+        clean = _record(loaded, block, batch)["heads"]
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+    assert (got[real] - clean[real]).abs().max() > 1e-4
+
+
+def test_patching_refuses_what_cannot_be_aligned(loaded, batch):
+    from extraction.edges import patched_edge
+
+    with pytest.raises(InterventionError, match="cannot be aligned"):
+        with patched_edge(loaded, "x->y", [0], batch, _donor(loaded, batch)):
+            pass
