@@ -27,6 +27,7 @@ _EXPORTS = {
     "Injection": "extraction.interventions",
     "EdgeKnockout": "extraction.edges",
     "EDGE_TYPES": "extraction.edges",
+    "patched_edge": "extraction.edges",
     "open_group": "extraction.store",
     "list_groups": "extraction.store",
 }

@@ -1,4 +1,5 @@
-"""Attention-edge knockout between position groups, through the model's own attention mask.
+"""Attention edges between position groups: knockout through the model's own attention mask, and counterfactual
+patching from a donor prompt (:func:`patched_edge`) through an extended key set.
 
 **Direction.** An edge ``A -> B`` is information flowing from the positions of group A to those of group B: B is
 the *receiver* (the query side of attention), A the *sender* (the key side). Knocking it out means the receivers
@@ -37,6 +38,11 @@ Use::
             intervention=EdgeKnockout("y->final", blocks=range(10, 13)))
     with EdgeKnockout("y->x", blocks=[0, 1]).applied(loaded, Batch(ids, mask, groups)):
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    with patched_edge(loaded, "y->final", range(10, 13), base, donor):   # base, donor: Batch with groups
+        logits = loaded.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
+
+Patching is a context manager around your own forward passes, not yet an ``extract`` intervention (a store group
+would have to record the donor prompts).
 """
 
 from __future__ import annotations
@@ -277,7 +283,8 @@ def _extended_mask(mask: torch.Tensor | None, pairs: torch.Tensor, ext: _Extensi
     out[:, 0, :length, length:] = ext.reads & seen & ext.valid[:, None, :]
     out[:, 0, length:, length:] = torch.eye(m, dtype=torch.bool, device=pairs.device)
     if mask is not None and mask.dtype != torch.bool:
-        return torch.zeros(out.shape, dtype=mask.dtype, device=out.device).masked_fill(~out, torch.finfo(mask.dtype).min)
+        blocked = torch.finfo(mask.dtype).min
+        return torch.zeros(out.shape, dtype=mask.dtype, device=out.device).masked_fill(~out, blocked)
     return out
 
 

@@ -115,8 +115,9 @@ def extract(
     """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
 
     ``setting`` defaults to ``icl`` (shots > 0) or ``zero_shot``. ``intervention`` is an intervention object (e.g.
-    ``heads.HeadAblation(heads)``, ``heads.Injection(vector, layer)``) or a list of them, applied in order around
-    every forward pass of the run and recorded exactly with the group (see :mod:`extraction.interventions`).
+    ``heads.HeadAblation(heads)``, ``heads.Injection(vector, layer)``, ``extraction.EdgeKnockout(edge, blocks)``)
+    or a list of them, applied in order around every forward pass of the run and recorded exactly with the group
+    (see :mod:`extraction.interventions`).
     Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
     included) into an existing group are refused unless ``overwrite``.
     """
@@ -146,11 +147,13 @@ def extract(
     if not writer.exists:
         static, lens_attrs = _static(loaded, prompts.label_words, tokens)
         writer.create(
-            _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest), {**static, **stored_arrays(interventions)},
+            _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest),
+            {**static, **stored_arrays(interventions)},
             {
                 "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
                 "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": records, "position_kinds": KIND_CODES, "provenance": {**loaded.provenance, "libraries": _versions()},
+                "intervention": records, "position_kinds": KIND_CODES,
+                "provenance": {**loaded.provenance, "libraries": _versions()},
                 **lens_attrs,
             },
         )

@@ -39,6 +39,7 @@ _EXPORTS = {
     "flow_table": "heads.flow",
     "EdgeKnockout": "extraction.edges",
     "EDGE_TYPES": "extraction.edges",
+    "patched_edge": "extraction.edges",
     "study": "heads.pipeline",
     "HeadStudy": "heads.pipeline",
     "plot_scores": "heads.plots",

@@ -224,7 +224,8 @@ def edge_scan(
         attrs={"method": method, "width": width, "direction": DIRECTION, "ci_level": CI_LEVEL, "n_boot": n_boot,
                "clean_accuracy": float(clean["accuracy"].mean()),
                "clean_vocab_accuracy": float(clean["vocab_accuracy"].mean()),
-               "prompts": reference.config(), "knockout": "pre-softmax score -inf, all heads, every block of the window",
+               "prompts": reference.config(),
+               "knockout": "pre-softmax score -inf, all heads, every block of the window",
                **{f"about_{name}": text for name, text in PER_PROMPT.items()}},
     )
 

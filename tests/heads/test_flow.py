@@ -35,7 +35,8 @@ def test_scan_layout_and_table(tiny_gemma):
     assert ds["accuracy"].dims == ("edge", "window")
     assert list(ds["edge"].values) == ["y->x", "y->y", "x->y", "y->final", "x->final", "query->final"]
     assert list(ds["window"].values) == [0, 1, 2] and list(ds["window_last"].values) == [1, 2, 3]
-    assert (ds["logit_change_low"] <= ds["logit_change"]).all() and (ds["logit_change"] <= ds["logit_change_high"]).all()
+    assert (ds["logit_change_low"] <= ds["logit_change"]).all()
+    assert (ds["logit_change"] <= ds["logit_change_high"]).all()
     table = flow_table(ds)
     assert len(table) == 6 * 3 * len({"accuracy", "accuracy_change", "vocab_accuracy", "vocab_accuracy_change",
                                        "logit_change"})
