@@ -250,3 +250,23 @@ def test_patching_refuses_what_cannot_be_aligned(loaded, batch):
     with pytest.raises(InterventionError, match="cannot be aligned"):
         with patched_edge(loaded, "x->y", [0], batch, _donor(loaded, batch)):
             pass
+
+
+def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch):
+    """One prompt, no padding: SDPA gets no mask at all (plain causal), and the knockout builds one."""
+    if loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    one = Batch(batch.input_ids[:1], batch.attention_mask[:1],
+                type(batch.groups)(batch.groups.kind[:1], batch.groups.demo[:1]))
+    keep = one.attention_mask[0].bool()
+    one = Batch(one.input_ids[:, keep], one.attention_mask[:, keep],
+                type(batch.groups)(one.groups.kind[:, keep], one.groups.demo[:, keep]))
+    pairs = edge_pairs(EDGE_TYPES["y->final"], one.groups)
+    expected, _ = _reference(loaded, 0, one, pairs[:, None])
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("sdpa")
+    try:
+        got = _record(loaded, 0, one, EdgeKnockout("y->final", blocks=[0]).applied(loaded, one))["heads"]
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
