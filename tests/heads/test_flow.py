@@ -54,10 +54,10 @@ def test_bad_scan_input(tiny_gemma):
 
 @pytest.mark.real_model
 def test_small_scan_on_the_real_model(real_model):
-    """Gemma 3 270M: every edge type over 2 windows (width L - 1), 6 four-shot prompts."""
+    """Gemma 3 270M: every edge type over 2 windows (width L - 1), 4 three-shot prompts."""
     width = real_model.arch.n_layers - 1
-    ds = edge_scan(real_model, task="sentiment", shots=4, n=6, width=width, batch_size=6, n_boot=100, progress=False)
-    assert (ds.sizes["edge"], ds.sizes["window"], ds.sizes["example"]) == (6, 2, 6)
+    ds = edge_scan(real_model, task="sentiment", shots=3, n=4, width=width, batch_size=4, n_boot=100, progress=False)
+    assert (ds.sizes["edge"], ds.sizes["window"], ds.sizes["example"]) == (6, 2, 4)
     assert np.isfinite(ds["logit_change"].values).all()
     # knocking out y->final in nearly every block changes the answer's logit
     assert np.abs(ds["logit_change"].sel(edge="y->final").values).max() > 1e-3
