@@ -30,6 +30,9 @@ _EXPORTS = {
     "Intervention": "extraction.interventions",
     "HeadAblation": "extraction.interventions",
     "Injection": "extraction.interventions",
+    "EdgeKnockout": "extraction.edges",
+    "EDGE_TYPES": "extraction.edges",
+    "patched_edge": "extraction.edges",
     "open_group": "extraction.store",
     "list_groups": "extraction.store",
 }

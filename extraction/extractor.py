@@ -23,7 +23,8 @@ from extraction.interventions import (Batch, Intervention, as_interventions, int
                                       stored_arrays)
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
-from extraction.prompts import PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
+from extraction.positions import KIND_CODES
+from extraction.prompts import Encoded, PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
 from extraction.statistics_writer import KEEP, StatisticsWriter
 from extraction.store import GroupWriter, library_versions, open_group
 from extraction.tasks import Task, load_task
@@ -40,7 +41,7 @@ def default_setting(shots: int) -> str:
     return "zero_shot" if shots == 0 else "icl"
 
 
-def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[str, tuple]:
+def _layout(n: int, shots: int, arch, classes: int, store_dtype: str, tokens: int) -> dict[str, tuple]:
     layers = arch.n_states
     return {
         "hidden": (("example", "layer", "dim"), (n, layers, arch.hidden_size), store_dtype),
@@ -54,6 +55,8 @@ def _layout(n: int, shots: int, arch, classes: int, store_dtype: str) -> dict[st
         "demo_indices": (("example", "shot"), (n, shots), "int32"),
         "prompt": (("example",), (n,), str),
         "n_tokens": (("example",), (n,), "int32"),
+        "position_kind": (("example", "token"), (n, tokens), "int8"),
+        "position_demo": (("example", "token"), (n, tokens), "int16"),
         "done": (("example",), (n,), "bool"),
     }
 
@@ -103,8 +106,9 @@ def extract(
     """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
 
     ``setting`` defaults to ``icl`` (shots > 0) or ``zero_shot``. ``intervention`` is an intervention object (e.g.
-    ``heads.HeadAblation(heads)``, ``heads.Injection(vector, layer)``) or a list of them, applied in order around
-    every forward pass of the run and recorded exactly with the group (see :mod:`extraction.interventions`).
+    ``heads.HeadAblation(heads)``, ``heads.Injection(vector, layer)``, ``extraction.EdgeKnockout(edge, blocks)``)
+    or a list of them, applied in order around every forward pass of the run and recorded exactly with the group
+    (see :mod:`extraction.interventions`).
     Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
     included) into an existing group are refused unless ``overwrite``.
 
@@ -128,7 +132,7 @@ def extract(
                                  allow_multitoken_labels=allow_multitoken_labels)
     prompts = build_prompts(task_obj, prompt_config)
     tokens = label_token_ids(loaded.tokenizer, prompts)
-    check_context(loaded, prompts)
+    longest = check_context(loaded, prompts)
     setting = setting or default_setting(shots)
     config = {
         **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
@@ -139,11 +143,13 @@ def extract(
     if not writer.exists:
         static, lens_attrs = _static(loaded, prompts.label_words, tokens)
         writer.create(
-            _layout(n, shots, loaded.arch, len(tokens), store_dtype), {**static, **stored_arrays(interventions)},
+            _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest),
+            {**static, **stored_arrays(interventions)},
             {
                 "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
                 "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": records, "provenance": {**loaded.provenance, "libraries": library_versions(LIBRARIES)},
+                "intervention": records, "position_kinds": KIND_CODES,
+                "provenance": {**loaded.provenance, "libraries": library_versions(LIBRARIES)},
                 **lens_attrs,
             },
         )
@@ -170,10 +176,12 @@ def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray)
     return np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in indices])["input_ids"]])
 
 
-def check_context(loaded: LoadedModel, prompts: PromptSet) -> None:
-    """Refuse a prompt longer than the model's context before anything is written (the batches check it again)."""
+def check_context(loaded: LoadedModel, prompts: PromptSet) -> int:
+    """Refuse a prompt longer than the model's context before anything is written (the batches check it again);
+    return the longest prompt's length in tokens."""
     lengths = prompt_lengths(loaded, prompts, np.arange(len(prompts.prompts)))
     check_lengths(lengths, prompts.prompts, loaded.arch.max_context)
+    return int(lengths.max())
 
 
 def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -196,7 +204,7 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], in
     for index in batches_by_length(loaded, prompts, pending, batch_size):
         batch = [prompts.prompts[i] for i in index]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
-        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask)):
+        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)):
             states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
         lens = logit_lens(loaded, states, tokens)
         labels = np.array([p.label for p in batch])
@@ -213,9 +221,25 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], in
             "demo_indices": np.array([p.demo_indices for p in batch], dtype=np.int32).reshape(len(batch), -1),
             "prompt": np.array([p.text for p in batch], dtype=object),
             "n_tokens": encoded.attention_mask.sum(dim=1).numpy(),
+            **_stored_groups(encoded, writer.node),
         })
         bar.update(len(index))
     bar.close()
+
+
+def _stored_groups(encoded: Encoded, node) -> dict[str, np.ndarray]:
+    """The batch's position groups left-aligned (first real token at index 0), padded with -1 to the stored width
+    (none for a group an older version began, which has no position arrays)."""
+    if "position_kind" not in node:
+        return {}
+    width, out = node["position_kind"].shape[1], {}
+    for name, values in (("position_kind", encoded.groups.kind), ("position_demo", encoded.groups.demo)):
+        stored = np.full((len(values), width), -1, values.numpy().dtype)
+        for row, keep in enumerate(encoded.attention_mask.bool()):
+            real = values[row][keep].numpy()
+            stored[row, :len(real)] = real
+        out[name] = stored
+    return out
 
 
 def accuracy(dataset: xr.Dataset) -> dict[str, float]:

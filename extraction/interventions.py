@@ -49,6 +49,7 @@ from torch import nn
 
 from extraction.architecture import Architecture, discover_architecture
 from extraction.errors import InterventionError
+from extraction.positions import PositionGroups
 
 #: A head as (block, head): block index 0..L-1, query-head index within the block.
 Head = tuple[int, int]
@@ -60,10 +61,12 @@ SHARED_DIMS = ("dim",)
 
 @dataclass(frozen=True)
 class Batch:
-    """The prompts a forward pass is about to run (tensors may still be on the CPU)."""
+    """The prompts a forward pass is about to run (tensors may still be on the CPU), with each token's position
+    group when the prompts have them (:class:`extraction.positions.PositionGroups`; edge knockouts need them)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
+    groups: PositionGroups | None = None
 
 
 def architecture_of(target: Any) -> Architecture:
@@ -96,8 +99,18 @@ def _json_record(origin: Mapping[str, Any] | None) -> dict[str, Any] | None:
                                 f"not {origin!r}") from None
 
 
+#: Every intervention kind by its record's ``kind`` (how :func:`recorded_interventions` rebuilds them); each
+#: subclass that declares a ``kind`` registers itself.
+KINDS: dict[str, type["Intervention"]] = {}
+
+
 class Intervention(ABC):
     """A change to the model's forward pass that a run applies to every batch and records exactly."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "kind" in cls.__dict__:
+            KINDS[cls.kind] = cls
 
     #: The record's ``kind``.
     kind: ClassVar[str]
@@ -390,5 +403,5 @@ class Injection(Intervention):
         return cls(arrays["vector"], record["layer"], record["position"], record["scale"], origin=record.get("origin"))
 
 
-#: Every intervention kind by its record's ``kind`` (how :func:`recorded_interventions` rebuilds them).
-KINDS: dict[str, type[Intervention]] = {cls.kind: cls for cls in (HeadAblation, Injection)}
+# The attention-edge interventions build on the classes above and register themselves in KINDS.
+import extraction.edges  # noqa: E402,F401

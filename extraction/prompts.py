@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from extraction.errors import LabelWordError, PromptError
+from extraction.positions import PositionGroups, Segment, batch_groups, prompt_segments
 from extraction.tasks import Task
 
 SAMPLING = ("uniform", "balanced")
@@ -57,6 +58,8 @@ class Prompt:
 
     ``label_spans`` are the characters of each demonstration's label word; ``answer_spans`` add the whitespace the
     template puts before the word, which the query leaves out: they are what a model writes after a query.
+    ``segments`` say which characters belong to which position group (x_i, y_i, template, separator, query; see
+    :mod:`extraction.positions`); :func:`encode` turns them into per-token groups.
     """
 
     text: str
@@ -66,6 +69,7 @@ class Prompt:
     demo_labels: tuple[int, ...]
     label_spans: tuple[tuple[int, int], ...]
     answer_spans: tuple[tuple[int, int], ...]
+    segments: tuple[Segment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -239,24 +243,32 @@ def _assemble(template: str, separator: str, task: Task, query: int, demos, show
         parts.append(template.format(text=task.texts[demo], label=words[label]))
         offset += len(parts[-1]) + len(separator)
     parts.append(head.rstrip().format(text=task.texts[query]))
+    text, segments = prompt_segments(template, separator, [(task.texts[d], words[l]) for d, l in zip(demos, shown)],
+                                     task.texts[query])
+    if text != separator.join(parts):
+        raise PromptError(f"the template {template!r} cannot be split into position groups; end its query part "
+                          "({text} and the words before {label}) with fixed text")
     return Prompt(
-        text=separator.join(parts),
+        text=text,
         label=int(task.labels[query]),
         query_index=query,
         demo_indices=tuple(int(d) for d in demos),
         demo_labels=tuple(int(s) for s in shown),
         label_spans=tuple(spans),
         answer_spans=tuple(answers),
+        segments=segments,
     )
 
 
 @dataclass
 class Encoded:
-    """Left-padded token ids of a batch of prompts, and the position of each demonstration's label token per row."""
+    """Left-padded token ids of a batch of prompts, the position of each demonstration's label token per row, and
+    every token's position group (None for prompts built without segments)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     label_positions: list[list[int]]
+    groups: PositionGroups | None = None
 
 
 def check_lengths(lengths: np.ndarray, prompts: Sequence[Prompt], max_length: int | None) -> None:
@@ -271,7 +283,10 @@ def check_lengths(lengths: np.ndarray, prompts: Sequence[Prompt], max_length: in
 
 
 def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> Encoded:
-    """Tokenize with left padding; ``max_length`` (the model's context) turns an overlong prompt into an error."""
+    """Tokenize with left padding; ``max_length`` (the model's context) turns an overlong prompt into an error.
+
+    Prompts with segments also get their tokens' position groups (a group with no token is a PromptError).
+    """
     if tokenizer.padding_side != "left":
         raise PromptError("the tokenizer must pad on the left so the query is the last position")
     batch = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt", return_offsets_mapping=True)
@@ -287,4 +302,7 @@ def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> E
                 raise PromptError(f"cannot locate a demonstration label at characters {start}..{end} in the tokens")
             found.append(hits[0])
         positions.append(found)
-    return Encoded(batch["input_ids"], mask, positions)
+    groups = None
+    if all(p.segments for p in prompts):
+        groups = batch_groups(batch["offset_mapping"], mask, [p.segments for p in prompts])
+    return Encoded(batch["input_ids"], mask, positions, groups)

@@ -1,7 +1,7 @@
 """The on-disk store: one Zarr v3 store, one group per setting (``icl``, ``zero_shot``, ``ablate_ih`` ...).
 
 Each group opens lazily as an xarray Dataset with ``xarray.open_zarr(path, group=name)`` (or :func:`open_group`).
-Schema of a group (dimension names: ``example``, ``layer``, ``dim``, ``class``, ``shot``):
+Schema of a group (dimension names: ``example``, ``layer``, ``dim``, ``class``, ``shot``, ``token``):
 
 =====================  =========================  ==============================================================
 variable               dims                       meaning
@@ -17,6 +17,11 @@ variable               dims                       meaning
 ``demo_indices``       example, shot              demonstration-pool indices of the prompt's shots, in order
 ``prompt``             example                    the prompt text
 ``n_tokens``           example                    prompt length in tokens
+``position_kind``      example, token             each token's position group (code table: attrs
+                                                  ``position_kinds``, :mod:`extraction.positions`); tokens
+                                                  left-aligned (index 0 = first token), -1 after the prompt
+``position_demo``      example, token             each token's demonstration index (x_i, y_i, their template
+                                                  and separator); -1 elsewhere and after the prompt
 ``done``               example                    written completely (resume marker; written last per batch)
 ``unembed``            class, dim                 unembedding rows of the label words' tokens
 ``lens_unembed``       class, dim                 ``unembed`` times the final norm's gain (see ``lens_*`` attrs)
@@ -34,7 +39,8 @@ Group attrs: ``config`` (the extraction configuration; a resume must match it), 
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
 and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
-``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None), ``intervention``
+``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None),
+``position_kinds`` (group kind name -> code), ``intervention``
 (None for plain runs, else the list of the interventions' records, see :mod:`extraction.interventions`, whose arrays
 are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.

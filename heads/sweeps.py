@@ -82,6 +82,15 @@ class _LayerCalls:
                 handle.remove()
 
 
+def check_readout(read: torch.Tensor, own: torch.Tensor) -> None:
+    """Refuse a fast method whose read-out of the last state (``read``) differs from the model's logits (``own``)."""
+    error = (read - own).abs().max().item()
+    if error > READOUT_TOLERANCE * (1 + own.abs().max().item()):
+        raise HeadsError(f"the fast method's label read-out differs from the model's logits by {error:.2e}; "
+                         "this architecture post-processes its logits in a way the read-out does not know: "
+                         "use method='naive'")
+
+
 def _take(value: Any, batch: int, rows: torch.Tensor) -> Any:
     """Select ``rows`` (with repeats) of every tensor whose first dimension is the batch; leave the rest alone."""
     if torch.is_tensor(value):
@@ -151,11 +160,7 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, heads: list[Head], rows
         with calls.recording():
             own = forward_last(loaded.model, ids, mask)[:, reference.label_tokens].cpu()
         clean[index] = own.numpy()
-        error = (readout(calls.final) - own).abs().max().item()
-        if error > READOUT_TOLERANCE * (1 + own.abs().max().item()):
-            raise HeadsError(f"the fast sweep's label read-out differs from the model's logits by {error:.2e}; "
-                             "this architecture post-processes its logits in a way the read-out does not know: "
-                             "use method='naive'")
+        check_readout(readout(calls.final), own)
         for layer, layer_heads in by_layer.items():
             step = max(1, rows_per_pass // len(layer_heads))
             for first in range(0, len(index), step):

@@ -1,0 +1,244 @@
+"""Edge scans ([B], contextualize-then-aggregate): knock out each attention edge type over sliding block windows.
+
+For every edge type (:data:`extraction.edges.EDGE_TYPES`: ``A -> B`` = receivers B stop reading senders A) and every
+window of ``width`` consecutive blocks (stride 1; window ``w`` = blocks ``w .. w + width - 1``), the prompts run with
+the edge knocked out in the window's blocks, all heads, and the answer is read at the final position:
+
+* ``accuracy``: label-restricted (argmax over the label words' logits is the gold class);
+* ``vocab_accuracy``: whole vocabulary (the top-1 token is the gold label word's token);
+* ``logit_change``: the gold label word's logit under knockout minus without, per prompt;
+
+each as its mean over prompts with a stratified bootstrap percentile interval (``*_low``, ``*_high``), and the
+accuracies also as changes from the clean run (``accuracy_change``, ``vocab_accuracy_change``, intervals of the
+paired differences).
+
+Methods, which give the same numbers (checked in the tests and ``benchmarks/flow.py``):
+
+* ``naive``: one full forward pass per (edge type, window) cell with :class:`extraction.edges.EdgeKnockout`.
+* ``fast``: one clean pass per batch records every decoder layer's call (as the single-head sweep does). For window
+  ``w`` the batch is stacked with one copy per edge type, and only blocks ``w .. L-1`` re-run from block ``w``'s
+  recorded input, the window's attention modules getting each copy's knocked-out mask; nothing below the window is
+  recomputed. Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the
+  model's own logits on every clean pass.
+
+>>> import heads.flow as flow
+>>> flow.windows(n_blocks=4, width=3)
+[(0, 1, 2), (1, 2, 3)]
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from extraction.capture import forward_last
+from extraction.edges import (DIRECTION, EDGE_TYPES, EdgeKnockout, check_masked_attention, edge_pairs, edge_type,
+                              install_mask_edit)
+from extraction.interventions import Batch
+from extraction.models import LoadedModel
+from extraction.prompts import Encoded
+from extraction.tasks import Task
+from geometry.bootstrap import CI_LEVEL, resample_counts
+from heads.errors import HeadsError
+from heads.prompting import PromptBatches, prompt_batches
+from heads.sweeps import METHODS, _call_layer, _LayerCalls, check_readout
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WIDTH = 3
+#: Per-prompt quantities averaged into each cell (name -> what it is).
+PER_PROMPT = {
+    "accuracy": "label-restricted accuracy under knockout (argmax over the label words)",
+    "vocab_accuracy": "whole-vocabulary accuracy under knockout (top-1 token is the gold label word's token)",
+    "logit_change": "gold label word's logit, knocked out minus clean",
+}
+
+
+def windows(n_blocks: int, width: int = DEFAULT_WIDTH) -> list[tuple[int, ...]]:
+    """Every window of ``width`` consecutive blocks, stride 1."""
+    if not 1 <= width <= n_blocks:
+        raise HeadsError(f"window width {width} does not fit the model's {n_blocks} blocks; use 1..{n_blocks}")
+    return [tuple(range(first, first + width)) for first in range(n_blocks - width + 1)]
+
+
+class _Cells:
+    """Final-position logits of every (edge, window, example): label words' logits and whole-vocabulary top-1."""
+
+    def __init__(self, n_edges: int, n_windows: int, n: int, classes: int):
+        self.label_logits = np.zeros((n_edges, n_windows, n, classes), np.float32)
+        self.top_token = np.zeros((n_edges, n_windows, n), np.int64)
+        self.clean_label_logits = np.zeros((n, classes), np.float32)
+        self.clean_top_token = np.zeros(n, np.int64)
+
+    def put(self, edge: int, window: int, index: np.ndarray, logits: torch.Tensor, tokens: list[int]) -> None:
+        self.label_logits[edge, window, index] = logits[:, tokens].numpy()
+        self.top_token[edge, window, index] = logits.argmax(-1).numpy()
+
+
+def _batch(encoded: Encoded, device) -> Batch:
+    return Batch(encoded.input_ids.to(device), encoded.attention_mask.to(device), encoded.groups)
+
+
+@torch.no_grad()
+def _naive(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
+           cells: _Cells, progress: bool) -> None:
+    bar = tqdm(total=len(reference.batches) * (1 + len(edges) * len(spans)), desc="flow (naive)", disable=not progress)
+    for index, encoded in reference.batches:
+        batch = _batch(encoded, loaded.device)
+        logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
+        cells.clean_label_logits[index] = logits[:, reference.label_tokens].numpy()
+        cells.clean_top_token[index] = logits.argmax(-1).numpy()
+        bar.update()
+        for e, edge in enumerate(edges):
+            for w, blocks in enumerate(spans):
+                with EdgeKnockout(edge, blocks).applied(loaded, batch):
+                    logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
+                cells.put(e, w, index, logits, reference.label_tokens)
+                bar.update()
+    bar.close()
+
+
+@torch.no_grad()
+def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
+          cells: _Cells, progress: bool) -> None:
+    arch = loaded.arch
+    bar = tqdm(total=len(reference.batches) * len(spans), desc="flow (fast)", unit="window", disable=not progress)
+    for index, encoded in reference.batches:
+        batch = _batch(encoded, loaded.device)
+        calls = _LayerCalls(arch)
+        with calls.recording():
+            own = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
+        check_readout(arch.readout(calls.final, reference.label_tokens).cpu(), own[:, reference.label_tokens])
+        cells.clean_label_logits[index] = own[:, reference.label_tokens].numpy()
+        cells.clean_top_token[index] = own.argmax(-1).numpy()
+        size = len(index)
+        # copy (prompt p, edge e) is row p * len(edges) + e of the stacked batch
+        blocked = torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1)
+        blocked = blocked.flatten(0, 1)[:, None].to(loaded.device)
+        rows = torch.arange(size).repeat_interleave(len(edges))
+        for w, blocks in enumerate(spans):
+            first = blocks[0]
+            args, kwargs = calls.calls[first]
+            hidden = (args[0] if args else kwargs["hidden_states"]).index_select(0, rows.to(loaded.device))
+            with ExitStack() as stack:
+                install_mask_edit(arch, blocks, lambda: blocked, stack)
+                for block in range(first, arch.n_layers):
+                    hidden = _call_layer(arch.layers[block], hidden, calls.calls[block], size, rows)
+            logits = arch.readout(hidden[:, -1]).cpu().view(size, len(edges), -1)
+            for e in range(len(edges)):
+                cells.put(e, w, index, logits[:, e], reference.label_tokens)
+            bar.update()
+    bar.close()
+
+
+def _summaries(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], labels: np.ndarray, n_boot: int,
+               seed: int) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
+    """Means over prompts (last axis) of each per-prompt quantity, changes from clean, and bootstrap intervals."""
+    counts = resample_counts(labels, n_boot, np.random.default_rng(seed)) / len(labels)  # (n_boot, n)
+    tail = 100 * (1 - CI_LEVEL) / 2
+    out = {}
+
+    def add(name: str, per_prompt: np.ndarray) -> None:
+        out[name] = (("edge", "window"), per_prompt.mean(-1))
+        low, high = np.percentile(per_prompt @ counts.T, [tail, 100 - tail], axis=-1)
+        out[f"{name}_low"], out[f"{name}_high"] = (("edge", "window"), low), (("edge", "window"), high)
+
+    for name, per_prompt in values.items():
+        add(name, per_prompt)
+        if name in clean:
+            add(f"{name}_change", per_prompt - clean[name])
+    return out
+
+
+def edge_scan(
+    loaded: LoadedModel,
+    *,
+    task: str | Task = "sentiment",
+    shots: int = 8,
+    n: int = 32,
+    seed: int = 0,
+    edges: Sequence[str] | None = None,
+    width: int = DEFAULT_WIDTH,
+    method: str = "fast",
+    batch_size: int = 8,
+    n_boot: int = 1000,
+    progress: bool = True,
+    **prompt_options: Any,
+) -> xr.Dataset:
+    """Knock out every edge type (all of :data:`EDGE_TYPES`, or ``edges``) over every window of ``width`` blocks on
+    ``n`` seeded ``shots``-shot prompts of ``task``; see the module docstring for the quantities.
+
+    Returns a Dataset over (edge, window) (coordinate ``window`` = the window's first block, ``window_last`` its last)
+    with each quantity, its change, and ``*_low`` / ``*_high`` bootstrap intervals (``n_boot`` stratified
+    resamples of the prompts), plus the per-prompt ``label_logits`` (edge, window, example, class), ``top_token``,
+    ``clean_label_logits``, ``clean_top_token`` and ``label``. ``batch_size`` prompts run per clean pass; the fast
+    method's re-runs stack ``batch_size * len(edges)`` rows.
+
+    >>> ds = edge_scan(loaded, task="sentiment", shots=4, n=8, width=2)          # doctest: +SKIP
+    >>> ds["accuracy_change"].sel(edge="y->final").values                   # doctest: +SKIP
+    >>> flow_table(ds).head()                                               # doctest: +SKIP
+    """
+    if method not in METHODS:
+        raise HeadsError(f"unknown scan method {method!r}; use one of {', '.join(METHODS)}")
+    names = [edge_type(name).name for name in (edges if edges is not None else EDGE_TYPES)]
+    if not names:
+        raise HeadsError("no edge types to scan; give at least one of " + ", ".join(EDGE_TYPES))
+    check_masked_attention(loaded.arch)
+    spans = windows(loaded.arch.n_layers, width)
+    reference = prompt_batches(loaded, task=task, shots=shots, n=n, seed=seed, batch_size=batch_size,
+                               **prompt_options)
+    labels = reference.prompts.labels
+    classes = list(reference.prompts.label_words)
+    cells = _Cells(len(names), len(spans), n, len(classes))
+    log.info("scanning %d edge types x %d windows on %d %d-shot prompts (%s)", len(names), len(spans), n, shots,
+             method)
+    (_fast if method == "fast" else _naive)(loaded, reference, names, spans, cells, progress)
+    gold_token = np.asarray(reference.label_tokens)[labels]
+    gold = np.arange(n), labels
+    values = {
+        "accuracy": (cells.label_logits.argmax(-1) == labels).astype(float),
+        "vocab_accuracy": (cells.top_token == gold_token).astype(float),
+        "logit_change": cells.label_logits[..., gold[0], gold[1]] - cells.clean_label_logits[gold],
+    }
+    clean = {"accuracy": (cells.clean_label_logits.argmax(-1) == labels).astype(float),
+             "vocab_accuracy": (cells.clean_top_token == gold_token).astype(float)}
+    summary = _summaries(values, clean, labels, n_boot, seed)
+    return xr.Dataset(
+        {
+            **summary,
+            "label_logits": (("edge", "window", "example", "class"), cells.label_logits),
+            "top_token": (("edge", "window", "example"), cells.top_token),
+            "clean_label_logits": (("example", "class"), cells.clean_label_logits),
+            "clean_top_token": (("example",), cells.clean_top_token),
+            "label": (("example",), labels),
+        },
+        coords={"edge": names, "window": [s[0] for s in spans], "window_last": ("window", [s[-1] for s in spans]),
+                "class": classes, "pairs": ("edge", [EDGE_TYPES[name].pairs_text for name in names])},
+        attrs={"method": method, "width": width, "direction": DIRECTION, "ci_level": CI_LEVEL, "n_boot": n_boot,
+               "clean_accuracy": float(clean["accuracy"].mean()),
+               "clean_vocab_accuracy": float(clean["vocab_accuracy"].mean()),
+               "prompts": reference.config(),
+               "knockout": "pre-softmax score -inf, all heads, every block of the window",
+               **{f"about_{name}": text for name, text in PER_PROMPT.items()}},
+    )
+
+
+def flow_table(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per (edge, window, quantity): value and interval, with the window's first and last block."""
+    rows = []
+    quantities = [name for name in ds.data_vars if f"{name}_low" in ds.data_vars]
+    for edge in ds["edge"].values:
+        for window, last in zip(ds["window"].values, ds["window_last"].values):
+            for name in quantities:
+                cell = dict(edge=str(edge), window=int(window), window_last=int(last), quantity=name)
+                for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high")):
+                    cell[key] = float(ds[name + suffix].sel(edge=edge, window=window))
+                rows.append(cell)
+    return pd.DataFrame(rows)

@@ -1,0 +1,272 @@
+"""Edge knockout equals a hand reference from eager attention weights, on tiny models of several architectures.
+
+Reference for block b: the attention module's inputs are recorded in a clean run; called on them, the eager module
+returns its weights A (B, H, T, T), and called with a mask that keeps only the diagonal, it writes each position's
+own value vectors into its output projection's input. The knocked-out heads' output is then A with the edge's
+pairs removed and the rows renormalised, times those values; it must equal what the output projection receives in
+the knocked-out run (eager and SDPA).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from extraction.edges import EDGE_TYPES, EdgeKnockout, edge_pairs
+from extraction.errors import InterventionError
+from extraction.interventions import Batch
+from extraction.models import load_model
+from extraction.prompts import build_prompts, encode
+from extraction.tasks import load_task
+from heads.scores import eager_attention
+
+ARCHITECTURES = ["llama", "gemma2", "gemma3", "gpt2", "qwen2", "mistral"]
+SHOTS = 3
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def loaded(request, tiny_model_dirs):
+    return load_model(str(tiny_model_dirs[request.param]), attn_implementation="eager")
+
+
+@pytest.fixture(scope="module")
+def batch(loaded):
+    prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=3, seed=2)
+    encoded = encode(loaded.tokenizer, prompts.prompts)
+    return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
+
+
+def _record(loaded, block, batch, *contexts):
+    """The attention module's (args, kwargs) and the output projection's input at ``block`` in one forward pass."""
+    seen = {}
+    arch = loaded.arch
+
+    def keep_call(module, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    def keep_heads(module, args):
+        seen["heads"] = args[0].detach().clone()
+
+    handles = [arch.attentions[block].register_forward_pre_hook(keep_call, with_kwargs=True),
+               arch.output_projections[block].register_forward_pre_hook(keep_heads)]
+    try:
+        with torch.no_grad():
+            from contextlib import ExitStack
+            with ExitStack() as stack:
+                for context in contexts:
+                    stack.enter_context(context)
+                loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def _reference(loaded, block, batch, blocked):
+    """The output projection's input at ``block`` with ``blocked`` (B, 1|H, T, T) removed from the eager weights."""
+    arch = loaded.arch
+    with eager_attention(loaded.model):
+        args, kwargs = _record(loaded, block, batch)["call"]
+        attention = arch.attentions[block]
+        weights = attention(*args, **kwargs)[1]
+        length = weights.shape[-1]
+        diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
+        values = {}
+        handle = arch.output_projections[block].register_forward_pre_hook(
+            lambda module, a: values.setdefault("v", a[0].clone()))
+        try:
+            attention(*args, **{**kwargs, "attention_mask": diagonal})
+        finally:
+            handle.remove()
+    kept = weights.masked_fill(blocked, 0.0)
+    kept = kept / kept.sum(-1, keepdim=True)
+    b, t, _ = values["v"].shape
+    v = values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+    return (kept @ v).transpose(1, 2).reshape(b, t, -1), weights
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("edge", ["y->x", "y->final", "x->y"])
+def test_knockout_equals_the_hand_reference(loaded, batch, edge, implementation):
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    block = 0
+    pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
+    expected, weights = _reference(loaded, block, batch, pairs[:, None])
+    assert weights.masked_select(pairs[:, None].expand_as(weights)).sum() > 0  # the edge carried weight
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        got = _record(loaded, block, batch, EdgeKnockout(edge, blocks=[block]).applied(loaded, batch))["heads"]
+        clean = _record(loaded, block, batch)["heads"]
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+    assert (got[real] - clean[real]).abs().max() > 1e-4
+
+
+def test_chosen_heads_change_only_those_heads(loaded, batch):
+    block, heads = loaded.arch.n_layers - 1, [1]
+    pairs = edge_pairs(EDGE_TYPES["y->final"], batch.groups)
+    chosen = torch.zeros(loaded.arch.n_heads, dtype=torch.bool)
+    chosen[heads] = True
+    expected, _ = _reference(loaded, block, batch, pairs[:, None] & chosen[None, :, None, None])
+    got = _record(loaded, block, batch, EdgeKnockout("y->final", [block], heads).applied(loaded, batch))["heads"]
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+
+
+def test_bad_input_is_one_clear_error(loaded, batch):
+    with pytest.raises(InterventionError, match="unknown edge type 'y->z'; use one of"):
+        EdgeKnockout("y->z", [0])
+    with pytest.raises(InterventionError, match="outside the model's blocks"):
+        with EdgeKnockout("y->x", [0, loaded.arch.n_layers]).applied(loaded, batch):
+            pass
+    with pytest.raises(InterventionError, match="needs the prompts' position groups"):
+        with EdgeKnockout("y->x", [0]).applied(loaded):
+            pass
+    one_shot = encode(loaded.tokenizer, build_prompts(load_task("sentiment"), shots=1, n=2).prompts)
+    with pytest.raises(InterventionError, match="connects no positions"):
+        with EdgeKnockout("y->x", [0]).applied(loaded, Batch(one_shot.input_ids, one_shot.attention_mask,
+                                                             one_shot.groups)):
+            pass
+
+
+def test_a_knockout_group_extracts_records_and_measures(tiny_gemma, tmp_path):
+    """A knocked-out re-extraction is a store group like any other: recorded exactly, rebuilt, measured."""
+    from extraction.extractor import extract
+    from extraction.interventions import recorded_interventions
+    from extraction.store import open_group
+    from geometry.sweep import measure
+
+    store = tmp_path / "s.zarr"
+    common = dict(task="sentiment", shots=3, n=12, batch_size=4, progress=False)
+    clean = extract(tiny_gemma, store, **common)
+    knockout = EdgeKnockout("y->final", blocks=[2, 3], origin={"scan": "test"})
+    ds = extract(tiny_gemma, store, setting="ko_y->final_2-3", intervention=knockout, **common)
+    (record,) = ds.attrs["intervention"]
+    assert record["kind"] == "edge_knockout" and record["edge"] == "y->final" and record["blocks"] == [2, 3]
+    (rebuilt,) = recorded_interventions(open_group(store, "ko_y->final_2-3"))
+    assert rebuilt.describe() == knockout.describe()
+    # states below the window are untouched, states after it change
+    np.testing.assert_allclose(ds["hidden"][:, :3].values, clean["hidden"][:, :3].values, atol=1e-5)
+    assert np.abs(ds["hidden"][:, 4].values - clean["hidden"][:, 4].values).max() > 1e-4
+    measured = measure(store, "ko_y->final_2-3", n_boot=5, progress=False, parallel="serial")
+    assert measured["value"].sizes["layer"] == tiny_gemma.arch.n_states
+    assert np.isfinite(measured["value"].sel(layer=4).values).any()
+
+
+# --- counterfactual patching -----------------------------------------------------------------------------------------
+
+
+def _donor(loaded, base, seed=7):
+    prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=base.input_ids.shape[0], seed=seed)
+    encoded = encode(loaded.tokenizer, prompts.prompts)
+    return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
+
+
+@torch.no_grad()
+def _weights_and_values(loaded, block, args, kwargs, hidden):
+    """Eager weights (B, H, T, T) and per-head values (B, H, T, hd) of ``block``'s attention on input ``hidden``."""
+    arch = loaded.arch
+    attention = arch.attentions[block]
+    call_args = (hidden, *args[1:]) if args else args
+    call_kwargs = kwargs if args else {**kwargs, "hidden_states": hidden}
+    weights = attention(*call_args, **call_kwargs)[1]
+    length = weights.shape[-1]
+    diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
+    values = {}
+    handle = arch.output_projections[block].register_forward_pre_hook(
+        lambda module, a: values.setdefault("v", a[0].clone()))
+    try:
+        attention(*call_args, **{**call_kwargs, "attention_mask": diagonal})
+    finally:
+        handle.remove()
+    b, t, _ = values["v"].shape
+    return weights, values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_patching_from_the_base_itself_changes_nothing(loaded, batch, implementation):
+    from extraction.edges import patched_edge
+
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        with torch.no_grad():
+            clean = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            with patched_edge(loaded, "y->x", range(loaded.arch.n_layers), batch, batch):
+                same = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(same[real], clean[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("edge", ["y->final", "y->x"])
+def test_patching_equals_the_hand_reference(loaded, batch, edge):
+    """Receiver q reads base keys except its senders, whose keys and values are the donor's: from the eager
+    weights of the base run (W_b) and of a run whose sender inputs are the donor's (W_d), the unnormalised weights
+    are W_b off the pairs and W_d * W_b[q, q] / W_d[q, q] on them, renormalised."""
+    from extraction.edges import aligned_positions, patched_edge
+
+    block = 0
+    donor = _donor(loaded, batch)
+    pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
+    with eager_attention(loaded.model):
+        args, kwargs = _record(loaded, block, batch)["call"]
+        donor_args, donor_kwargs = _record(loaded, block, donor)["call"]
+        base_hidden = args[0] if args else kwargs["hidden_states"]
+        donor_hidden = donor_args[0] if donor_args else donor_kwargs["hidden_states"]
+        substituted = base_hidden.clone()
+        for row in range(pairs.shape[0]):
+            senders = torch.nonzero(pairs[row].any(0)).flatten().tolist()
+            substituted[row, senders] = donor_hidden[row, aligned_positions(batch.groups, donor.groups, row, senders)]
+        w_base, v_base = _weights_and_values(loaded, block, args, kwargs, base_hidden)
+        w_donor, v_donor = _weights_and_values(loaded, block, args, kwargs, substituted)
+        p = pairs[:, None].float()
+        ratio = (torch.diagonal(w_base, dim1=-2, dim2=-1) / torch.diagonal(w_donor, dim1=-2, dim2=-1))[..., None]
+        u = w_base * (1 - p) + w_donor * ratio * p
+        u = u / u.sum(-1, keepdim=True)
+        expected = (u * (1 - p)) @ v_base + (u * p) @ v_donor
+        b, h, t, d = expected.shape
+        expected = expected.transpose(1, 2).reshape(b, t, h * d)
+        with patched_edge(loaded, edge, [block], batch, donor):
+            got = _record(loaded, block, batch)["heads"][:, :t]  # the added key entries' rows are dropped
+        clean = _record(loaded, block, batch)["heads"]
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
+    assert (got[real] - clean[real]).abs().max() > 1e-4
+
+
+def test_patching_refuses_what_cannot_be_aligned(loaded, batch):
+    from extraction.edges import patched_edge
+
+    with pytest.raises(InterventionError, match="cannot be aligned"):
+        with patched_edge(loaded, "x->y", [0], batch, _donor(loaded, batch)):
+            pass
+
+
+def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch):
+    """One prompt, no padding: SDPA gets no mask at all (plain causal), and the knockout builds one."""
+    if loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    one = Batch(batch.input_ids[:1], batch.attention_mask[:1],
+                type(batch.groups)(batch.groups.kind[:1], batch.groups.demo[:1]))
+    keep = one.attention_mask[0].bool()
+    one = Batch(one.input_ids[:, keep], one.attention_mask[:, keep],
+                type(batch.groups)(one.groups.kind[:, keep], one.groups.demo[:, keep]))
+    pairs = edge_pairs(EDGE_TYPES["y->final"], one.groups)
+    expected, _ = _reference(loaded, 0, one, pairs[:, None])
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation("sdpa")
+    try:
+        got = _record(loaded, 0, one, EdgeKnockout("y->final", blocks=[0]).applied(loaded, one))["heads"]
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
