@@ -48,7 +48,8 @@ from extraction.tasks import Task
 from geometry.bootstrap import CI_LEVEL, resample_counts
 from heads.errors import HeadsError
 from heads.prompting import PromptBatches, prompt_batches
-from heads.sweeps import METHODS, _call_layer, _LayerCalls, check_readout
+from heads.rerun import LayerCalls, call_layer
+from heads.sweeps import METHODS, check_readout
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans
     bar = tqdm(total=len(reference.batches) * len(spans), desc="flow (fast)", unit="window", disable=not progress)
     for index, encoded in reference.batches:
         batch = _batch(encoded, loaded.device)
-        calls = _LayerCalls(arch)
+        calls = LayerCalls(arch)
         with calls.recording():
             own = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
         check_readout(arch.readout(calls.final, reference.label_tokens).cpu(), own[:, reference.label_tokens])
@@ -130,7 +131,7 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans
             with ExitStack() as stack:
                 install_mask_edit(arch, blocks, lambda: blocked, stack)
                 for block in range(first, arch.n_layers):
-                    hidden = _call_layer(arch.layers[block], hidden, calls.calls[block], size, rows)
+                    hidden = call_layer(arch.layers[block], hidden, calls.calls[block], size, rows)
             logits = arch.readout(hidden[:, -1]).cpu().view(size, len(edges), -1)
             for e in range(len(edges)):
                 cells.put(e, w, index, logits[:, e], reference.label_tokens)

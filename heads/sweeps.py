@@ -23,8 +23,7 @@ Methods, which give the same numbers (checked in the tests and the benchmark):
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +37,7 @@ from extraction.tasks import Task
 from heads.errors import HeadsError
 from heads.interventions import ablate, check_heads, head_patch_hook
 from heads.prompting import PromptBatches, prompt_batches
+from heads.rerun import LayerCalls, call_layer
 from heads.selection import Head
 
 log = logging.getLogger(__name__)
@@ -54,34 +54,6 @@ def logit_diff(label_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return gold - others.max(axis=-1)
 
 
-class _LayerCalls:
-    """Records each decoder layer's positional and keyword arguments, and the last layer's output, in one pass."""
-
-    def __init__(self, arch: Architecture):
-        self.arch = arch
-        self.calls: list[tuple[tuple, dict] | None] = [None] * arch.n_layers
-        self.final: torch.Tensor | None = None
-
-    @contextmanager
-    def recording(self) -> Iterator["_LayerCalls"]:
-        def keep(layer: int):
-            def hook(module, args, kwargs):
-                self.calls[layer] = (args, kwargs)
-            return hook
-
-        def keep_final(module, args, output):
-            self.final = (output[0] if isinstance(output, tuple) else output)[:, -1]
-
-        handles = [layer.register_forward_pre_hook(keep(i), with_kwargs=True)
-                   for i, layer in enumerate(self.arch.layers)]
-        handles.append(self.arch.layers[-1].register_forward_hook(keep_final))
-        try:
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-
 def check_readout(read: torch.Tensor, own: torch.Tensor) -> None:
     """Refuse a fast method whose read-out of the last state (``read``) differs from the model's logits (``own``)."""
     error = (read - own).abs().max().item()
@@ -91,31 +63,8 @@ def check_readout(read: torch.Tensor, own: torch.Tensor) -> None:
                          "use method='naive'")
 
 
-def _take(value: Any, batch: int, rows: torch.Tensor) -> Any:
-    """Select ``rows`` (with repeats) of every tensor whose first dimension is the batch; leave the rest alone."""
-    if torch.is_tensor(value):
-        return value.index_select(0, rows.to(value.device)) if value.ndim and value.shape[0] == batch else value
-    if isinstance(value, (tuple, list)):
-        return type(value)(_take(item, batch, rows) for item in value)
-    if isinstance(value, dict):
-        return {key: _take(item, batch, rows) for key, item in value.items()}
-    return value
-
-
-def _call_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], batch: int,
-                rows: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` on ``hidden`` with a recorded call's other arguments, taken at ``rows`` of the batch."""
-    args, kwargs = call
-    if args:
-        output = layer(hidden, *_take(args[1:], batch, rows), **_take(kwargs, batch, rows))
-    else:
-        others = {key: value for key, value in kwargs.items() if key != "hidden_states"}
-        output = layer(hidden_states=hidden, **_take(others, batch, rows))
-    return output[0] if isinstance(output, tuple) else output
-
-
 @torch.no_grad()
-def _run_from(arch: Architecture, calls: _LayerCalls, start: int, heads: list[int], prompts: torch.Tensor,
+def _run_from(arch: Architecture, calls: LayerCalls, start: int, heads: list[int], prompts: torch.Tensor,
               batch: int) -> torch.Tensor:
     """Final states at the last position, (len(prompts) * len(heads), d): blocks start..L-1 re-run from block
     ``start``'s recorded input for the batch rows ``prompts``, copy j of each with head ``heads[j]`` of ``start``
@@ -130,7 +79,7 @@ def _run_from(arch: Architecture, calls: _LayerCalls, start: int, heads: list[in
         args, kwargs = calls.calls[start]
         hidden = (args[0] if args else kwargs["hidden_states"]).index_select(0, rows.to(arch.unembedding.weight.device))
         for index in range(start, arch.n_layers):
-            hidden = _call_layer(arch.layers[index], hidden, calls.calls[index], batch, rows)
+            hidden = call_layer(arch.layers[index], hidden, calls.calls[index], batch, rows)
     finally:
         handle.remove()
     return hidden[:, -1]
@@ -156,7 +105,7 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, heads: list[Head], rows
     bar = tqdm(total=len(reference.batches) * len(by_layer), desc="sweep (fast)", unit="layer", disable=not progress)
     for index, encoded in reference.batches:
         ids, mask = encoded.input_ids.to(loaded.device), encoded.attention_mask.to(loaded.device)
-        calls = _LayerCalls(arch)
+        calls = LayerCalls(arch)
         with calls.recording():
             own = forward_last(loaded.model, ids, mask)[:, reference.label_tokens].cpu()
         clean[index] = own.numpy()
