@@ -43,6 +43,9 @@ variable              dims                                             meaning
 ====================  ===============================================  ===========================================
 ``pattern``           step, seed, block, head, example, query, key     attention patterns
 ``hidden``            step, seed, layer, example, dim                  the query position's residual state
+``readout_hidden``    step, seed, example, unit                        the read-out MLP's hidden layer
+                                                                       relu(W_1 h + b_1) of the query (hook point
+                                                                       ``readout.hidden``)
 ``readout_rows``      step, seed, class, unit                          rows of the read-out's last linear layer
                                                                        (in the read-out MLP's hidden ``unit``
                                                                        space, not the residual ``dim`` space:

@@ -92,6 +92,8 @@ class TrainConfig:
     ``evals_per_decade`` log-spaced steps per decade, and at the last step. Snapshots (attention patterns and
     query states of ``snapshot_examples`` fixed examples) are taken at ``snapshots_per_decade`` log-spaced steps
     and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps).
+    ``snapshot_examples`` defaults to 512: separability's probe holds out half of them, and with L = 32 labels
+    fewer leave too few queries per label (the geometry helper's advice: at least 512).
     """
 
     steps: int = 1_000_000
@@ -102,7 +104,7 @@ class TrainConfig:
     evals_per_decade: int = 10
     eval_examples: int = 1024
     snapshots_per_decade: int = 5
-    snapshot_examples: int = 64
+    snapshot_examples: int = 512
     checkpoint_every: int = 10_000
 
     def __post_init__(self) -> None:
