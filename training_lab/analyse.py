@@ -132,8 +132,9 @@ def _read(out: Path, name: str) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
-def _summary(curves: pd.DataFrame, phases: pd.DataFrame) -> list[str]:
-    """One sentence per seed: its phases in order with their circuits and accuracies."""
+def phase_sentences(out: str | Path) -> list[str]:
+    """One sentence per seed of an analysed run: its phases in order with their circuits and accuracies."""
+    curves, phases = _read(Path(out), "curves.csv"), _read(Path(out), "phases.csv")
     last = curves.sort_values("step").groupby("seed").tail(1).set_index("seed")
     sentences = []
     for seed, rows in phases.groupby("seed"):
@@ -167,7 +168,7 @@ def write_lab_report(out: str | Path) -> Path:
         "attend to their items and layer 2's query to the labels). The geometry section applies the toolkit's "
         "measures to the query's hidden states at stored steps, a view none of the papers shows.</p>",
         "<h2>Phases</h2><ul class='findings'>",
-        *[f"<li>{html.escape(sentence)}</li>" for sentence in _summary(curves, phases)],
+        *[f"<li>{html.escape(sentence)}</li>" for sentence in phase_sentences(out)],
         "</ul>", html_table(phases),
         "<p class='muted'>Rule: a boundary where Acc(t + window) - Acc(t) > threshold, on a moving average of the "
         "accuracy; consecutive boundaries merge into one transition (shaded in the figures). A phase's circuit "
