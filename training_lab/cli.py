@@ -8,6 +8,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from icl_geometry.config import dump_toml
 from training_lab.analyse import analyse, phase_sentences
 from training_lab.config import PRESETS, LabConfig, preset
@@ -74,6 +76,9 @@ def effective_config(args: argparse.Namespace) -> LabConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
+    if args.threads < 1:
+        raise LabError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     if not args.analyse_only:
         config = effective_config(args)
         if args.print_config:
@@ -106,6 +111,9 @@ def register(subparsers) -> None:
                                                   "a run directory holds one config)")
     parser.add_argument("--smooth", type=int, default=5,
                         help="moving average (odd number of evaluations) the phase rule is applied to (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the lab's matrices are small, and on a 2-core CPU a "
+                             "second thread made the quick preset twice as slow)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training")
