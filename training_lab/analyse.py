@@ -18,7 +18,6 @@ re-analysed later. Written into the run directory ``out``:
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from icl_geometry.config import dump_toml
 from icl_geometry.report import html_page, html_table, image_tag
 from training_lab import figures
 from training_lab.circuits import METRICS, circuit_metrics, single_head
+from training_lab.config import LabConfig
 from training_lab.errors import LabError
 from training_lab.geometry_over_training import run_geometry
 from training_lab.phases import detect_phases, phase_circuits
@@ -153,8 +154,6 @@ def write_lab_report(out: str | Path) -> Path:
     config, curves, phases = attrs["config"], _read(out, "curves.csv"), _read(out, "phases.csv")
     figure_dir = out / FIGURES
     task, train = config["task"], config["train"]
-    setup = pd.DataFrame([{"section": section, "key": key, "value": json.dumps(value)}
-                          for section, values in config.items() for key, value in values.items()])
     body = [
         "<h1>Training lab: circuits and geometry over training</h1>",
         f"<p class='muted'>Run <code>{html.escape(str(out))}</code>: {len(train['seeds'])} seed(s), "
@@ -181,7 +180,7 @@ def write_lab_report(out: str | Path) -> Path:
         "every residual layer; alignment to the read-out's last-layer rows on the read-out's hidden layer (the "
         "read-out is an MLP, not an unembedding).</p>",
         image_tag(figure_dir / "measures_over_training.png", "geometry measures over training"),
-        "<h2>Configuration</h2>", html_table(setup),
+        "<h2>Configuration</h2><pre>" + html.escape(dump_toml(LabConfig.from_dict(config))) + "</pre>",
     ]
     path = out / REPORT
     path.write_text(html_page("Training lab run", body))

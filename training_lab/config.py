@@ -165,14 +165,14 @@ class LabConfig:
 #: Ready-made configs. ``paper``: [M]'s default setting (T=3, K=64, L=32, N=4, D=63, 65 positions, width 128,
 #: SGD lr 0.01, batch 128), trained for 1e6 steps. ``quick``: [M]'s task and model scaled down (K = L = 16
 #: classes and labels, 31 item dimensions + 33 positions = width 64, read-out width 64), SGD at lr 0.05 (five times
-#: [M]'s, so the phases come within 1,500 steps) and one seed; on this 2-core CPU its accuracy plateaus near 0.2
-#: for a few hundred steps, then rises to about 0.85 (see the README for the measured time and phases).
+#: [M]'s, so the phases come within 2,500 steps) and one seed; on this 2-core CPU its accuracy plateaus near 0.2
+#: for a few hundred steps, then rises to about 0.97 (see the README for the measured time and phases).
 PRESETS: dict[str, LabConfig] = {
     "paper": LabConfig(),
     "quick": LabConfig(
         task=TaskConfig(n_tasks=3, n_classes=16, n_labels=16, n_pairs=4, item_dims=31, position_dims=33),
         model=ModelConfig(width=64, readout_width=64),
-        train=TrainConfig(steps=1_500, lr=0.05, eval_every=100, evals_per_decade=5, eval_examples=512,
+        train=TrainConfig(steps=2_500, lr=0.05, eval_every=100, evals_per_decade=5, eval_examples=512,
                           snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=500, seeds=(0,)),
     ),
 }
