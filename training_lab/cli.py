@@ -1,5 +1,5 @@
 """``icl-geometry train``: train a lab run from a preset and an optional TOML file (resumable), then analyse it
-(:func:`training_lab.analyse.analyse`: tables, figures, ``report.html``)."""
+(:func:`training_lab.report.analyse`: tables, figures, ``report.html``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from icl_geometry.config import dump_toml
-from training_lab.analyse import analyse, phase_sentences
+from training_lab.report import analyse, phase_sentences
 from training_lab.config import PRESETS, LabConfig, preset
 from training_lab.errors import LabError
 from training_lab.train import train

@@ -1,11 +1,11 @@
-"""The one-call analysis of a run: tables, figures and the report from the store's completed steps."""
+"""training_lab.analyse, the one-call analysis of a run: tables, figures and the report from the store's completed steps."""
 
 from dataclasses import replace
 
 import pandas as pd
 import pytest
 
-from training_lab.analyse import analyse
+from training_lab.report import analyse
 from training_lab.store import open_run
 from training_lab.train import train
 

@@ -1,5 +1,5 @@
-"""Analyse a lab run from its store alone: circuit metrics, phases, each phase's circuit and the geometry over
-training, written as tidy CSV tables, figures and one self-contained ``report.html``.
+"""Analyse a lab run from its store alone (:func:`analyse`): circuit metrics, phases, each phase's circuit and
+the geometry over training, written as tidy CSV tables, figures and one self-contained ``report.html``.
 
 Only completed steps (``done``) are read, so a run still training (or killed) can be analysed at any time and
 re-analysed later. Written into the run directory ``out``:
