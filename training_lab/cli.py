@@ -95,9 +95,9 @@ def run_train(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "train", help="train small transformers on [M]'s in-context task and report their phases and geometry",
-        description="Train an attention-only transformer (several seeds at once) on [M]'s synthetic in-context "
-                    "task, storing curves, attention patterns and hidden states over training; then detect the "
-                    "training phases, name each phase's attention circuit, measure the hidden states' geometry "
+        description="Train an attention-only transformer (several seeds at once) on [M]'s synthetic in-context\n"
+                    "task, storing curves, attention patterns and hidden states over training; then detect the\n"
+                    "training phases, name each phase's attention circuit, measure the hidden states' geometry\n"
                     "over training and write tables, figures and a self-contained report.html.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
