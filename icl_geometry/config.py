@@ -224,8 +224,9 @@ def _toml_value(value: Any) -> str:
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 
-def dump_toml(config: StudyConfig) -> str:
-    """The configuration as TOML text that :func:`load_config` reads back to an equal configuration."""
+def dump_toml(config: Any) -> str:
+    """A configuration with sections (``config.to_dict()``: the study's, or the training lab's) as TOML text that
+    :func:`load_config` (or the lab's loader) reads back to an equal configuration."""
     lines = []
     for section, values in config.to_dict().items():
         lines.append(f"[{section}]")

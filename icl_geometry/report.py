@@ -25,14 +25,16 @@ ul.findings li { margin: 0.3em 0; } pre { background: #f7f7f7; padding: 0.8em; o
 """
 
 
-def _image(path: Path, alt: str) -> str:
+def image_tag(path: Path, alt: str) -> str:
+    """The PNG at ``path`` embedded as an ``<img>`` (empty when the file is missing), so the page stands alone."""
     if not path.is_file():
         return ""
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _table(frame: pd.DataFrame) -> str:
+def html_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as an HTML table in the report's style: numbers right-aligned to 3 significant digits."""
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     rows = []
     for values in frame.itertuples(index=False):
@@ -43,6 +45,12 @@ def _table(frame: pd.DataFrame) -> str:
             cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{html.escape(text)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """A self-contained page in the report's style from its body's HTML parts."""
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
 
 
 def _read(folder: Path, name: str) -> pd.DataFrame:
@@ -74,23 +82,23 @@ def _task_section(folder: Path, task: str, tables: dict[str, pd.DataFrame]) -> s
     parts = [f"<h2>Task: {html.escape(task)}</h2>", "<h3>Findings</h3><ul class='findings'>"]
     parts += [f"<li>{html.escape(sentence)}</li>" for sentence in findings]
     parts.append("</ul><h3>Accuracy</h3>")
-    parts.append(_table(_accuracy_table(accuracy)))
+    parts.append(html_table(_accuracy_table(accuracy)))
     parts.append("<p class='muted'>Accuracy is the paper's: the whole-vocabulary argmax of the final logits must be "
                  "the gold label word's token. The paper's Gemma-2B figures (8-shot, [Y] Fig. 7) are shown for "
                  "shape, not as a target: this is a different model and different data.</p>")
     parts.append("<h3>Layer-wise geometry: ICL vs zero-shot vs ablated vs injected</h3>")
-    parts.append(_image(figures / "curves.png", f"{task} layer-wise measures"))
-    parts.append(_image(figures / "changes.png", f"{task} measure changes under interventions"))
-    parts.append(_image(figures / "k_sweep.png", f"{task} k sweep"))
+    parts.append(image_tag(figures / "curves.png", f"{task} layer-wise measures"))
+    parts.append(image_tag(figures / "changes.png", f"{task} measure changes under interventions"))
+    parts.append(image_tag(figures / "k_sweep.png", f"{task} k sweep"))
     if not transitions.empty:
         parts.append("<h3>Transition layer</h3>")
-        parts.append(_table(transitions.drop(columns=["task", "method"], errors="ignore")))
+        parts.append(html_table(transitions.drop(columns=["task", "method"], errors="ignore")))
         parts.append(f"<p class='muted'>Method: {html.escape(str(transitions.method.iloc[0]))}.</p>")
     parts.append("<h3>Heads</h3>")
-    parts.append(_image(figures / "head_scores.png", f"{task} head scores"))
+    parts.append(image_tag(figures / "head_scores.png", f"{task} head scores"))
     if not placement.empty:
-        parts.append(_table(placement.drop(columns=["task"], errors="ignore")))
-    parts.append(_image(figures / "projections.png", f"{task} PCA of query states"))
+        parts.append(html_table(placement.drop(columns=["task"], errors="ignore")))
+    parts.append(image_tag(figures / "projections.png", f"{task} PCA of query states"))
     return "\n".join(parts)
 
 
@@ -110,12 +118,10 @@ def write_report(folder: str | Path) -> Path:
         "label words' output directions. The paper ([Y] Yang et al., NeurIPS 2025) finds two stages: separability "
         "rises early and plateaus, then alignment rises (the <i>transition</i>); previous-token heads (PTH) build "
         "the first, induction heads (IH) and task vectors the second.</p>",
-        "<h2>Setup</h2>", _table(setup),
+        "<h2>Setup</h2>", html_table(setup),
     ]
     body += [_task_section(folder, task, tables) for task in meta["tasks"]]
     body.append("<h2>Configuration</h2><pre>" + html.escape((folder / "config.toml").read_text()) + "</pre>")
-    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>ICL geometry study</title>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
     path = folder / "report.html"
-    path.write_text(page)
+    path.write_text(html_page("ICL geometry study", body))
     return path

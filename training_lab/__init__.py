@@ -4,14 +4,19 @@ how attention circuits and hidden-state geometry change over training.
 
 Use::
 
-    from training_lab import preset, train, open_run
+    from training_lab import analyse, preset, train, open_run
     curves = train(preset("quick"), out="runs/quick")        # resumes if runs/quick holds the same config
     snapshots = open_run("runs/quick", "snapshots")
+    analyse("runs/quick")                                    # tables/, figures/ and report.html in runs/quick
 
 Modules: :mod:`~training_lab.config` (TOML-able configs and presets), :mod:`~training_lab.tasks` (vectorised
 generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp context managers),
 :mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.train` (the trainer),
-:mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory).
+:mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
+:mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.phases` (phases and their circuits),
+:mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
+(:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
+:mod:`~training_lab.cli` (``icl-geometry train``).
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
 :class:`LabConfig` as a dict), ``provenance`` (library versions) and ``format``) and ``checkpoints/step_<8
@@ -43,6 +48,9 @@ variable              dims                                             meaning
 ====================  ===============================================  ===========================================
 ``pattern``           step, seed, block, head, example, query, key     attention patterns
 ``hidden``            step, seed, layer, example, dim                  the query position's residual state
+``readout_hidden``    step, seed, example, unit                        the read-out MLP's hidden layer
+                                                                       relu(W_1 h + b_1) of the query (hook point
+                                                                       ``readout.hidden``)
 ``readout_rows``      step, seed, class, unit                          rows of the read-out's last linear layer
                                                                        (in the read-out MLP's hidden ``unit``
                                                                        space, not the residual ``dim`` space:
@@ -59,8 +67,9 @@ from training_lab.config import PRESETS, LabConfig, ModelConfig, TaskConfig, Tra
 from training_lab.errors import LabError, NonFiniteLossError
 from training_lab.hooks import HookPoint, Hooks
 from training_lab.model import LabTransformer
+from training_lab.report import analyse
 from training_lab.store import open_run
 from training_lab.train import Trainer, train
 
 __all__ = ["PRESETS", "HookPoint", "Hooks", "LabConfig", "LabError", "LabTransformer", "ModelConfig",
-           "NonFiniteLossError", "TaskConfig", "TrainConfig", "Trainer", "open_run", "preset", "train"]
+           "NonFiniteLossError", "TaskConfig", "TrainConfig", "Trainer", "analyse", "open_run", "preset", "train"]

@@ -12,8 +12,7 @@ Directional alignment needs class directions in the space of the states. [M]'s r
 it is a two-layer ReLU MLP, logits = W2 relu(W1 h + b1) + b2, applied to the final residual state h. The rows of
 its last linear layer W2 (one per label) are directions in the MLP's *hidden* space, not in the residual stream,
 so alignment to them is measured on the read-out's hidden layer relu(W1 h + b1) (the model's hook point
-``readout.hidden``; or computed by :func:`readout_hidden` from the first layer's weights), against the rows of
-the same step (the read-out trains too): with d = (W2_A - W2_B) /
+``readout.hidden``, which the run store keeps as ``readout_hidden``), against the rows of the same step (the read-out trains too): with d = (W2_A - W2_B) /
 ||W2_A - W2_B||, singular, variance-based, mean-based and composite alignment are exactly [Y]'s definitions with
 W2's rows in the role of the unembedding rows E_y (the logit difference of labels A and B is d's projection up to
 the bias). That hidden layer is reported as one more entry of the ``layer`` dim, after the last block's output,
@@ -94,24 +93,6 @@ def _with_index(array: xr.DataArray, dim: str, values: Any = None) -> xr.DataArr
     return array
 
 
-def readout_hidden(final_states: Any, weight: Any, bias: Any = None) -> xr.DataArray:
-    """The read-out MLP's hidden layer relu(h W_1 + b_1) of the final residual states h.
-
-    ``final_states`` (step, seed, example, dim); ``weight`` W_1 as the lab's model keeps it (``readout.W_1``),
-    (seed, dim, unit), or (step, seed, dim, unit) for one per step; ``bias`` b_1 (seed, unit) or (step, seed,
-    unit), or None. Returns (step, seed, example, unit).
-    """
-    h = _as_array(final_states, ("step", "seed", "example", "dim"), "final_states")
-    w = _per_step(weight, ("seed", "dim", "unit"), h.sizes["step"], "the read-out's first weight")
-    if w.shape[1:3] != (h.sizes["seed"], h.sizes["dim"]):
-        raise MeasureError(f"the read-out's first weight {w.shape[1:]} does not fit the states {dict(h.sizes)}")
-    pre = np.einsum("tsed,tsdu->tseu", h.values.astype(np.float64), w.astype(np.float64))
-    if bias is not None:
-        pre = pre + _per_step(bias, ("seed", "unit"), h.sizes["step"], "the read-out's first bias")[:, :, None, :]
-    coords = {d: h.coords[d] for d in ("step", "seed", "example") if d in h.coords}
-    return xr.DataArray(np.maximum(pre, 0.0), dims=("step", "seed", "example", "unit"), coords=coords)
-
-
 def _labels_per_seed(labels: Any, n_seed: int, n_example: int) -> np.ndarray:
     """The query labels as (seed, example): one row shared by every seed, or one row each."""
     array = to_numpy(labels.values if isinstance(labels, xr.DataArray) else labels)
@@ -149,7 +130,7 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     ``steps`` naming its steps); ``labels``: the query's label, (example,) or (seed, example). With
     ``readout_rows``, the rows of the read-out's last linear layer (step, seed, class, unit) as the run store
     keeps them (or (seed, class, unit): the same at every step), and ``readout_hidden_states`` (step, seed,
-    example, unit), the read-out's hidden layer (see :func:`readout_hidden`), one more layer holds the read-out's
+    example, unit), the read-out's hidden layer (the run store's ``readout_hidden``), one more layer holds the read-out's
     hidden layer and the alignment measures are computed there (see the module doc). ``min_per_label``: see the
     module doc on rare labels. ``n_boot``,
     ``n_boot_separability``, ``seed``, ``test_size`` and ``cv`` are the sweep's (:func:`geometry.sweep.measure`).
@@ -166,7 +147,7 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
                            "neither")
     if aligned and not readout:
         raise MeasureError(f"{', '.join(aligned)} need the read-out's rows and hidden layer: pass readout_rows= and "
-                           "readout_hidden_states= (see readout_hidden), or leave the alignment measures out")
+                           "readout_hidden_states= (the run store's readout_hidden), or leave the alignment measures out")
     H = _with_index(_with_index(_as_array(states, STATE_DIMS, "states"), "step", steps), "seed")
     H = _with_index(H, "layer")
     n_steps, n_seeds, n_layers = H.sizes["step"], H.sizes["seed"], H.sizes["layer"]
@@ -216,3 +197,14 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
                "alignment_to": "rows of the read-out's last linear layer, on the read-out's hidden layer "
                                "(site 'readout hidden'); NaN at residual layers"},
     )
+
+
+def run_geometry(snapshots: xr.Dataset, *, measures: Sequence[str] = DEFAULT_MEASURES, **options: Any) -> xr.Dataset:
+    """:func:`geometry_over_training` of a run store's ``snapshots`` group (``open_run(out, "snapshots")``), at its
+    completed steps (``done``): the query states, their labels, the read-out's hidden layer and rows as stored.
+    ``options`` are :func:`geometry_over_training`'s."""
+    done = snapshots.isel(step=np.flatnonzero(snapshots["done"].values))
+    if not done.sizes["step"]:
+        raise MeasureError("the run has no completed snapshot yet; train it first")
+    return geometry_over_training(done["hidden"], done["label"], readout_rows=done["readout_rows"],
+                                  readout_hidden_states=done["readout_hidden"], measures=measures, **options)

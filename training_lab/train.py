@@ -27,6 +27,7 @@ from training_lab.model import LabTransformer, run_generators
 from training_lab.tasks import Batch, make_world, sample, stack
 
 STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
+READOUT_HIDDEN = "readout.hidden"
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,10 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int, index: int, snapshot: int | None, train_loss: np.ndarray):
         """Held-out loss, accuracy and mean attention patterns; at snapshot steps also the fixed examples' patterns,
-        query states and the read-out rows."""
+        query states, the read-out's hidden layer and the read-out rows."""
         states = self.model.state_names() if snapshot is not None else []
-        with self.model.hooks.cache(self._patterns + states) as cache:
+        readout = [READOUT_HIDDEN] if snapshot is not None else []
+        with self.model.hooks.cache(self._patterns + states + readout) as cache:
             logits = self.model(self.eval_set.tokens)
         labels = self.eval_set.label
         loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
@@ -162,6 +164,7 @@ class Trainer:
             store.write_step(self.store, "snapshots", snapshot, {
                 "pattern": patterns[:, :, :n].transpose(2, 3).numpy(),
                 "hidden": hidden.numpy(),
+                "readout_hidden": cache[READOUT_HIDDEN][:, :n].numpy(),
                 "readout_rows": self.model.weight("readout.W_2").transpose(1, 2).numpy()})
         return loss.numpy(), accuracy.numpy()
 
@@ -190,6 +193,8 @@ class Trainer:
                          nan(len(snaps), runs, blocks, heads, n, seq, seq)),
              "hidden": (("step", "seed", "layer", "example", "dim"),
                         nan(len(snaps), runs, blocks + 1, n, c.model.width)),
+             "readout_hidden": (("step", "seed", "example", "unit"),
+                                nan(len(snaps), runs, n, c.model.readout_width)),
              "readout_rows": (("step", "seed", "class", "unit"), nan(len(snaps), runs, c.task.n_labels,
                                                                      c.model.readout_width)),
              "done": (("step",), np.zeros(len(snaps), dtype=bool)), **eval_set},

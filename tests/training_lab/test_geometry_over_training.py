@@ -3,12 +3,16 @@ with the read-out) from a given step on."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import xarray as xr
 
 from geometry.errors import MeasureError
-from training_lab.geometry_over_training import geometry_over_training, readout_hidden
+from training_lab.geometry_over_training import geometry_over_training, run_geometry
+from training_lab.store import open_run
+from training_lab.train import train
 
 STEPS = [0, 100, 1000]
 CLASSES, PER_CLASS, DIM = 4, 16, 8
@@ -84,14 +88,15 @@ def test_labels_too_rare_to_split_are_left_out():
     assert result.attrs["min_per_label"] == 2
 
 
-def test_readout_hidden_is_relu_of_the_first_layer():
-    h = np.array([[[[1.0, -2.0]]]])  # one step, seed, example; dim 2
-    weight = np.array([[[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]]])  # (seed, dim 2, unit 3), as the lab's readout.W_1
-    bias = np.array([[0.5, 0.0, 0.0]])
-    assert readout_hidden(h, weight, bias).values.ravel().tolist() == [1.5, 0.0, 0.0]
-    per_step = readout_hidden(h, weight[None], bias[None])  # (step, seed, dim, unit) weights
-    assert per_step.dims == ("step", "seed", "example", "unit")
-    assert per_step.values.ravel().tolist() == [1.5, 0.0, 0.0]
+def test_run_geometry_reads_states_and_readout_hidden_layer_from_the_run_store(tiny, tmp_path):
+    config = replace(tiny, train=replace(tiny.train, snapshot_examples=32))
+    train(config, tmp_path / "run", progress=False)
+    snapshots = open_run(tmp_path / "run", "snapshots")
+    result = run_geometry(snapshots, measures=("separability", "mean_alignment"), n_boot=0)
+    assert list(result["step"].values) == list(snapshots["step"].values)
+    assert list(result["site"].values)[-1] == "readout hidden"
+    assert np.isfinite(result["value"].sel(measure="mean_alignment").isel(layer=-1)).all()
+    assert np.isnan(result["value"].sel(measure="mean_alignment").isel(layer=0)).all()
 
 
 def test_rows_without_a_step_dim_serve_every_step():

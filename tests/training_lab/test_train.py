@@ -32,6 +32,17 @@ def test_run_store_holds_curves_snapshots_and_the_config(tiny, tmp_path):
     np.testing.assert_array_equal(weights["readout.W_2"].transpose(1, 2).numpy(), snaps["readout_rows"][-1].values)
 
 
+def test_snapshots_hold_the_readout_hidden_layer_of_the_final_query_state(tiny, tmp_path):
+    train(tiny, tmp_path / "run", progress=False)
+    snaps = open_run(tmp_path / "run", "snapshots").load()
+    assert snaps["readout_hidden"].dims == ("step", "seed", "example", "unit")
+    weights = load_file(str(next((tmp_path / "run" / "checkpoints").glob("*.safetensors"))))
+    final = snaps["hidden"].isel(step=-1, layer=-1).values  # (seed, example, dim)
+    expected = np.maximum(np.einsum("sed,sdu->seu", final, weights["readout.W_1"].numpy())
+                          + weights["readout.b_1"].numpy()[:, None], 0)
+    np.testing.assert_allclose(snaps["readout_hidden"].isel(step=-1).values, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_batched_seeds_equal_separate_runs(tiny, tmp_path):
     batched = train(tiny.with_seeds((0, 1, 2)), tmp_path / "batched", progress=False).load()
     for index, seed in enumerate((0, 1, 2)):

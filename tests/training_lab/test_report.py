@@ -1,0 +1,48 @@
+"""training_lab.analyse, the one-call analysis of a run: tables, figures and the report from the store's completed steps."""
+
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from training_lab.report import analyse
+from training_lab.store import open_run
+from training_lab.train import train
+
+
+@pytest.fixture
+def run(tiny, tmp_path):
+    config = replace(tiny, train=replace(tiny.train, snapshot_examples=32, seeds=(0, 1)))
+    train(config, tmp_path / "run", progress=False)
+    return tmp_path / "run"
+
+
+def test_analyse_writes_tidy_tables_figures_and_a_self_contained_report(run):
+    result = analyse(run, n_boot=0)
+    tables = {name: pd.read_csv(run / "tables" / f"{name}.csv") for name in ("curves", "circuits", "phases",
+                                                                             "geometry")}
+    assert list(tables["curves"].columns) == ["step", "seed", "loss", "accuracy", "train_loss", "phase",
+                                              "in_transition", "boundary"]
+    assert len(tables["curves"]) == result.curves.sizes["step"] * 2
+    assert list(tables["circuits"].columns) == ["step", "seed", "block", "bigram", "label_attention",
+                                                "chunk_example"]
+    assert set(tables["phases"].columns) >= {"seed", "phase", "start", "circuit", "accuracy"}
+    assert set(tables["geometry"]["site"]) >= {"embedding", "readout hidden"}
+    for name in ("training_curves", "circuit_metrics", "attention_maps", "measures_over_training"):
+        assert (run / "figures" / f"{name}.png").is_file()
+    page = result.report.read_text()
+    assert page.count("data:image/png;base64") == 4 and "<h2>Phases</h2>" in page and "Seed 1:" in page
+
+
+def test_analyse_reads_only_completed_steps(tiny, tmp_path):
+    def stop(step):
+        if step == 12:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny, tmp_path / "run", progress=False, on_step=stop)
+    result = analyse(tmp_path / "run", geometry=False)
+    done = open_run(tmp_path / "run")["done"].values
+    assert 0 < result.curves.sizes["step"] == done.sum() < len(done)
+    assert not (tmp_path / "run" / "tables" / "geometry.csv").exists()
+    assert (tmp_path / "run" / "report.html").is_file()

@@ -1,0 +1,120 @@
+"""``icl-geometry train``: train a lab run from a preset and an optional TOML file (resumable), then analyse it
+(:func:`training_lab.report.analyse`: tables, figures, ``report.html``)."""
+
+from __future__ import annotations
+
+import argparse
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from icl_geometry.config import dump_toml
+from training_lab.report import analyse, phase_sentences
+from training_lab.config import PRESETS, LabConfig, preset
+from training_lab.errors import LabError
+from training_lab.train import train
+
+EXAMPLES = """
+examples:
+  # the quick preset: [M]'s task scaled down, two phases in a few minutes on a laptop CPU
+  icl-geometry train --preset quick --out lab-quick
+
+  # [M]'s setting with three seeds trained at once (hours on a 2-core CPU; re-run the command to resume)
+  icl-geometry train --preset paper --seeds 0 1 2 --out lab-paper
+
+  # your own setting: write a preset to a file, edit it, run it (keys left out keep the preset's values)
+  icl-geometry train --preset quick --print-config > lab.toml
+  icl-geometry train lab.toml --preset quick --out my-lab
+
+  # re-analyse a run (also one still training, or killed) without training further
+  icl-geometry train --out lab-quick --analyse-only --smooth 9
+
+A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
+it in a browser). Running the same command again continues an interrupted run; a different config for an existing
+run directory is refused.
+"""
+
+
+def load_lab_config(path: str | Path | None, base: LabConfig) -> LabConfig:
+    """``base`` with the sections and keys of the TOML file at ``path`` (None: ``base`` itself); unknown sections
+    or keys, wrong types and impossible settings fail with one line."""
+    if path is None:
+        return base
+    path = Path(path)
+    try:
+        raw: dict[str, Any] = tomllib.loads(path.read_text())
+    except OSError as error:
+        raise LabError(f"cannot read the config file {path}: {error.strerror}") from error
+    except tomllib.TOMLDecodeError as error:
+        raise LabError(f"{path} is not valid TOML: {error}") from error
+    merged = base.to_dict()
+    for section, values in raw.items():
+        if section in merged and not isinstance(values, dict):
+            raise LabError(f"{path}: [{section}] must be a table of keys, got {values!r}")
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    try:
+        return LabConfig.from_dict(merged)
+    except (TypeError, ValueError) as error:
+        raise LabError(f"{path}: a value has the wrong type ({error}); compare with --print-config") from error
+
+
+def effective_config(args: argparse.Namespace) -> LabConfig:
+    config = load_lab_config(args.config, preset(args.preset))
+    changes: dict[str, Any] = {}
+    if args.seeds is not None:
+        changes["seeds"] = args.seeds
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if changes:
+        merged = config.to_dict()
+        merged["train"].update(changes)
+        config = LabConfig.from_dict(merged)
+    return config
+
+
+def run_train(args: argparse.Namespace) -> int:
+    out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
+    if args.threads < 1:
+        raise LabError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    if not args.analyse_only:
+        config = effective_config(args)
+        if args.print_config:
+            print(dump_toml(config), end="")
+            return 0
+        train(config, out, progress=not args.no_progress)
+    say = None if args.no_progress else (lambda message: print(f"analysing: {message}", flush=True))
+    result = analyse(out, smooth=args.smooth, progress=say)
+    print("\n".join(phase_sentences(out)))
+    print(f"tables: {out / 'tables'}\nreport: {result.report}")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train small transformers on [M]'s in-context task and report their phases and geometry",
+        description="Train an attention-only transformer (several seeds at once) on [M]'s synthetic in-context\n"
+                    "task, storing curves, attention patterns and hidden states over training; then detect the\n"
+                    "training phases, name each phase's attention circuit, measure the hidden states' geometry\n"
+                    "over training and write tables, figures and a self-contained report.html.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="TOML file with [task], [model] and [train] keys overriding the "
+                                                  "preset's (see --print-config)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
+                        help="starting config (default: paper, [M]'s setting, 1e6 steps)")
+    parser.add_argument("--out", help="run directory (default: lab-PRESET, or the config file's name)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds trained at once (batched)")
+    parser.add_argument("--steps", type=int, help="SGD steps to train (part of the config, like every setting: "
+                                                  "a run directory holds one config)")
+    parser.add_argument("--smooth", type=int, default=5,
+                        help="moving average (odd number of evaluations) the phase rule is applied to (default 5)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the lab's matrices are small, and on a 2-core CPU a "
+                             "second thread made the quick preset twice as slow)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
+    parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training")
+    parser.set_defaults(func=run_train)
