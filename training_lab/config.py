@@ -11,6 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from training_lab.clamps import ClampSpec, check_all
 from training_lab.errors import LabError
 
 
@@ -122,31 +123,38 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class LabConfig:
-    """One lab run: task, model and training; ``to_dict``/``from_dict`` round-trip through TOML-able dicts."""
+    """One lab run: task, model, training and clamps (:mod:`training_lab.clamps`, applied at every step and in
+    every evaluation); ``to_dict``/``from_dict`` round-trip through TOML-able dicts, the clamps as a ``clamp``
+    list (``[[clamp]]`` tables in TOML), left out when empty so an unclamped run's config is as before."""
 
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    clamps: tuple[ClampSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "clamps", tuple(self.clamps))
+        check_all(self.clamps, self.model, self.task)
         if self.model.embed == "identity" and self.task.token_dims != self.model.width:
             raise LabError(f"model.embed = 'identity' needs token width item_dims + position_dims "
                            f"({self.task.token_dims}) equal to model.width ({self.model.width}); set "
                            "model.embed = 'linear' or change the widths")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {name: asdict(getattr(self, name)) for name in ("task", "model", "train")}
         data["train"]["seeds"] = list(self.train.seeds)
+        if self.clamps:
+            data["clamp"] = [spec.to_dict() for spec in self.clamps]
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LabConfig":
         """Build from a (possibly partial) dict such as a TOML file's; unknown sections or keys are refused."""
         parts = {"task": TaskConfig, "model": ModelConfig, "train": TrainConfig}
-        unknown = set(data) - set(parts)
+        unknown = set(data) - set(parts) - {"clamp"}
         if unknown:
-            raise LabError(f"unknown config section(s) {sorted(unknown)}; valid sections: {sorted(parts)}")
-        built = {}
+            raise LabError(f"unknown config section(s) {sorted(unknown)}; valid sections: {sorted(parts)}, clamp")
+        built: dict[str, Any] = {"clamps": tuple(ClampSpec.from_dict(dict(c)) for c in data.get("clamp", []))}
         for name, kind in parts.items():
             values = dict(data.get(name, {}))
             valid = {f.name for f in fields(kind)}

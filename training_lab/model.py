@@ -28,8 +28,7 @@ from torch import nn
 
 from training_lab.config import ModelConfig, TaskConfig
 from training_lab.hooks import HookPoint, Hooks
-
-BLOCK_POINTS = ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.head_out", "resid_post")
+from training_lab.points import BLOCK_POINTS
 
 
 def run_generators(seeds: tuple[int, ...], purpose: int) -> list[torch.Generator]:

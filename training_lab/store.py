@@ -27,6 +27,9 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            keys += [section] if a != b else []
+            continue
         keys += [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return keys
 

@@ -20,7 +20,7 @@ import xarray as xr
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from training_lab import checkpoints, store
+from training_lab import checkpoints, clamps, store
 from training_lab.config import LabConfig, TrainConfig, log_steps
 from training_lab.errors import NonFiniteLossError
 from training_lab.model import LabTransformer, run_generators
@@ -112,7 +112,8 @@ class Trainer:
 
     def _step(self, step: int) -> torch.Tensor:
         batch = self.next_batch()
-        logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
+        with clamps.applied(self.model, self.config.clamps, batch, self.config.task):
+            logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
         losses = query_losses(logits, batch.label)
         self._check_finite(losses, "training", step)
         self.optimizer.zero_grad(set_to_none=True)
@@ -149,7 +150,8 @@ class Trainer:
         query states, the read-out's hidden layer and the read-out rows."""
         states = self.model.state_names() if snapshot is not None else []
         readout = [READOUT_HIDDEN] if snapshot is not None else []
-        with self.model.hooks.cache(self._patterns + states + readout) as cache:
+        with clamps.applied(self.model, self.config.clamps, self.eval_set, self.config.task), \
+                self.model.hooks.cache(self._patterns + states + readout) as cache:
             logits = self.model(self.eval_set.tokens)
         labels = self.eval_set.label
         loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
