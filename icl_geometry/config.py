@@ -226,10 +226,13 @@ def _toml_value(value: Any) -> str:
 
 def dump_toml(config: Any) -> str:
     """A configuration with sections (``config.to_dict()``: the study's, or the training lab's) as TOML text that
-    :func:`load_config` (or the lab's loader) reads back to an equal configuration."""
+    :func:`load_config` (or the lab's loader) reads back to an equal configuration; a section holding a list of
+    tables (the lab's ``clamp``) is written as ``[[section]]`` tables."""
     lines = []
     for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
-        lines.append("")
+        tables = values if isinstance(values, list) else [values]  # a list of tables: [[section]] each
+        for table in tables:
+            lines.append(f"[[{section}]]" if isinstance(values, list) else f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+            lines.append("")
     return "\n".join(lines)

@@ -11,7 +11,8 @@ Use::
 
 Modules: :mod:`~training_lab.config` (TOML-able configs and presets), :mod:`~training_lab.tasks` (vectorised
 generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp context managers),
-:mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.train` (the trainer),
+:mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.clamps` (declarative clamps
+applied in every training step and evaluation), :mod:`~training_lab.train` (the trainer),
 :mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
 :mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.phases` (phases and their circuits),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
@@ -19,7 +20,7 @@ generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp con
 :mod:`~training_lab.cli` (``icl-geometry train``).
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
-:class:`LabConfig` as a dict), ``provenance`` (library versions) and ``format``) and ``checkpoints/step_<8
+:class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and ``format``) and ``checkpoints/step_<8
 digits>.safetensors`` (the latest checkpoint: weights with a leading run dimension, the training data generators'
 states). ``step`` counts SGD updates done (step 0 = initial weights). ``seed`` indexes the batched runs (coordinate:
 the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
@@ -63,6 +64,7 @@ variable              dims                                             meaning
 ====================  ===============================================  ===========================================
 """
 
+from training_lab.clamps import ClampSpec
 from training_lab.config import PRESETS, LabConfig, ModelConfig, TaskConfig, TrainConfig, preset
 from training_lab.errors import LabError, NonFiniteLossError
 from training_lab.hooks import HookPoint, Hooks
@@ -71,5 +73,5 @@ from training_lab.report import analyse
 from training_lab.store import open_run
 from training_lab.train import Trainer, train
 
-__all__ = ["PRESETS", "HookPoint", "Hooks", "LabConfig", "LabError", "LabTransformer", "ModelConfig",
+__all__ = ["PRESETS", "ClampSpec", "HookPoint", "Hooks", "LabConfig", "LabError", "LabTransformer", "ModelConfig",
            "NonFiniteLossError", "TaskConfig", "TrainConfig", "Trainer", "analyse", "open_run", "preset", "train"]

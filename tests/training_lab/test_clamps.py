@@ -122,3 +122,15 @@ def test_bad_clamps_fail_with_one_line_before_training(tiny, spec, task, message
     with pytest.raises(LabError, match=message) as error:
         LabConfig.from_dict(data)
     assert "\n" not in str(error.value)
+
+
+def test_a_clamped_config_round_trips_through_toml_and_the_cli_loader(tiny, tmp_path):
+    from icl_geometry.config import dump_toml
+    from training_lab.cli import load_lab_config
+
+    config = _clamped(tiny, ClampSpec("attn.pattern", "previous_token", blocks=(0,)),
+                      ClampSpec("readout.input", "mean"))
+    path = tmp_path / "lab.toml"
+    path.write_text(dump_toml(config))
+    assert "[[clamp]]" in path.read_text()
+    assert load_lab_config(path, tiny) == config
