@@ -85,9 +85,15 @@ class ModelConfig:
             raise LabError(f"model.embed must be 'identity' or 'linear', got {self.embed!r}")
 
 
+#: The optimizers a lab run can use, by their config name.
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """Plain SGD on the query's cross-entropy; all ``seeds`` train at once as one batched model.
+    """``optimizer`` (plain ``"sgd"``, or ``"adam"`` with torch's defaults betas (0.9, 0.999), eps 1e-8, as [S])
+    on the query's cross-entropy; all ``seeds`` train at once as one batched model (both optimizers act per
+    element, so a run's updates do not depend on the other runs).
 
     Evaluation (held-out loss and accuracy) happens at step 0, every ``eval_every`` steps, at
     ``evals_per_decade`` log-spaced steps per decade, and at the last step. Snapshots (attention patterns and
@@ -107,9 +113,12 @@ class TrainConfig:
     snapshots_per_decade: int = 5
     snapshot_examples: int = 512
     checkpoint_every: int = 10_000
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
+        if self.optimizer not in OPTIMIZERS:
+            raise LabError(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         _positive("train", steps=self.steps, batch_size=self.batch_size, lr=self.lr, eval_every=self.eval_every,
                   evals_per_decade=self.evals_per_decade, eval_examples=self.eval_examples,
                   snapshots_per_decade=self.snapshots_per_decade, snapshot_examples=self.snapshot_examples,

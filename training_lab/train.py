@@ -1,4 +1,4 @@
-"""Batched training: all seeds of a config train at once as one :class:`LabTransformer` (plain SGD on the query's
+"""Batched training: all seeds of a config train at once as one :class:`LabTransformer` (SGD or Adam on the query's
 cross-entropy, each run's loss a mean over its batch, the runs' losses summed so each run's gradient is its own).
 
 Each run draws its world, its training batches and its held-out evaluation set from generators derived from its
@@ -28,6 +28,8 @@ from training_lab.tasks import Batch, make_world, sample, stack
 
 STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
 READOUT_HIDDEN = "readout.hidden"
+#: Optimizer classes by ``train.optimizer`` name (Adam with torch's default betas and eps).
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Trainer:
         self.generators = run_generators(seeds, 2)
         self.eval_set = stack([sample(task, world, config.train.eval_examples, g)
                                for world, g in zip(self.worlds, run_generators(seeds, 3))])
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.train.lr)
+        self.optimizer = OPTIMIZERS[config.train.optimizer](self.model.parameters(), lr=config.train.lr)
         self.schedule = schedule(config.train)
         self.store = self.out / STORE_NAME
         self.checkpoint_dir = self.out / CHECKPOINT_DIR
