@@ -14,7 +14,8 @@ generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp con
 :mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.clamps` (declarative clamps
 applied in every training step and evaluation), :mod:`~training_lab.train` (the trainer),
 :mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
-:mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.phases` (phases and their circuits),
+:mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.induction` ([S]'s induction strength and phase-change time),
+:mod:`~training_lab.phases` (phases and their circuits),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
 (:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
 :mod:`~training_lab.cli` (``icl-geometry train``).
@@ -60,6 +61,7 @@ variable              dims                                             meaning
 ``query_class``       seed, example                                    the query item's class
 ``task``              seed, example                                    the context's task
 ``query_in_context``  seed, example                                    whether the query's class is in the context
+``context_class``     seed, example, pair                              the classes of the context's items, in order
 ``done``              step                                             written completely (written last)
 ====================  ===============================================  ===========================================
 """

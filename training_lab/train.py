@@ -192,6 +192,7 @@ class Trainer:
             coords={"step": evals, **coords})
         eval_set = {name: (("seed", "example"), getattr(self.eval_set, name)[:, :n].numpy())
                     for name in ("label", "query_class", "task", "query_in_context")}
+        eval_set["context_class"] = (("seed", "example", "pair"), self.eval_set.context_classes[:, :n].numpy())
         snapshots = xr.Dataset(
             {"pattern": (("step", "seed", "block", "head", "example", "query", "key"),
                          nan(len(snaps), runs, blocks, heads, n, seq, seq)),
