@@ -14,15 +14,15 @@ generators), :mod:`~training_lab.hooks` (hook points, cache / ablate / clamp con
 :mod:`~training_lab.model` (the batched hooked transformer), :mod:`~training_lab.clamps` (declarative clamps
 applied in every training step and evaluation), :mod:`~training_lab.train` (the trainer),
 :mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
-:mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.induction` ([S]'s induction strength and phase-change time),
-:mod:`~training_lab.phases` (phases and their circuits),
+:mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.induction` ([S]'s induction strength and
+phase-change time), :mod:`~training_lab.phases` (phases and their circuits),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
 (:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
 :mod:`~training_lab.cli` (``icl-geometry train``).
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
-:class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and ``format``) and ``checkpoints/step_<8
-digits>.safetensors`` (the latest checkpoint: weights with a leading run dimension, the training data generators'
+:class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and
+``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint: weights with a leading run dimension, the training data generators'
 states). ``step`` counts SGD updates done (step 0 = initial weights). ``seed`` indexes the batched runs (coordinate:
 the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
 ``block`` is an attention block 0..n_blocks-1; ``layer`` is a residual-state index (0 = the embedding input,
