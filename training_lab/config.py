@@ -66,7 +66,9 @@ class ModelConfig:
 
     ``embed="identity"`` feeds the token vectors straight in (needs ``token_dims == width``, as in [M]: 63 + 65 =
     128); ``"linear"`` learns a projection. ``output_projection`` is W_O ([M]'s paper has it, its code does not).
-    ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not)."""
+    ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not). ``pre_norm`` applies a LayerNorm
+    (learned gain and bias) to each block's input and to the read-out's input ([S]'s pre-LayerNorm; [M] has none).
+    """
 
     width: int = 128
     n_blocks: int = 2
@@ -75,6 +77,7 @@ class ModelConfig:
     output_projection: bool = True
     scale_scores: bool = False
     embed: str = "identity"
+    pre_norm: bool = False
 
     def __post_init__(self) -> None:
         _positive("model", width=self.width, n_blocks=self.n_blocks, n_heads=self.n_heads,

@@ -3,7 +3,9 @@ seeds train at once as one model (one einsum per product instead of one model pe
 
 Per block: causal self-attention with ``n_heads`` heads (no 1/sqrt(d) score scaling unless asked), optional output
 projection W_O (without it each head's mixed values are written into its slice of the residual stream), and a
-residual connection; no MLP and no norm. The read-out is a two-layer ReLU MLP on the query (last) position's final
+residual connection; no MLP, and no norm unless ``pre_norm`` (then a LayerNorm with learned gain and bias feeds
+each block's attention and the read-out, [S]'s pre-LayerNorm; the hook points see the block input and the
+read-out input after it, the residual stream stays un-normalised). The read-out is a two-layer ReLU MLP on the query (last) position's final
 residual state, into the labels. Each run's weights are drawn from its own seed in a fixed order, so a run's
 initial weights do not depend on which other runs share the batch.
 
@@ -25,6 +27,7 @@ import math
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from training_lab.config import ModelConfig, TaskConfig
 from training_lab.hooks import HookPoint, Hooks
@@ -54,6 +57,10 @@ class LabTransformer(nn.Module):
                 shapes[f"blocks.{block}.{name}"] = (d, heads, self.head_width)
             if model.output_projection:
                 shapes[f"blocks.{block}.W_O"] = (heads, self.head_width, d)
+            if model.pre_norm:
+                shapes.update({f"blocks.{block}.g_norm": (d,), f"blocks.{block}.b_norm": (d,)})
+        if model.pre_norm:
+            shapes.update({"readout.g_norm": (d,), "readout.b_norm": (d,)})
         shapes.update({"readout.W_1": (d, model.readout_width), "readout.b_1": (model.readout_width,),
                        "readout.W_2": (model.readout_width, task.n_labels), "readout.b_2": (task.n_labels,)})
         generators = run_generators(seeds, 0)
@@ -87,6 +94,15 @@ class LabTransformer(nn.Module):
         """Weights by dotted name (``blocks.0.W_Q`` ...), each with the leading run dimension."""
         return {name: self.weight(name) for name in self.weight_names}
 
+    def norm(self, owner: str, value: torch.Tensor) -> torch.Tensor:
+        """``owner``'s LayerNorm of ``value`` (..., d) with a gain and bias per run; ``value`` itself without
+        ``pre_norm``."""
+        if not self.config.pre_norm:
+            return value
+        shape = (value.shape[0],) + (1,) * (value.dim() - 2) + (value.shape[-1],)
+        normed = F.layer_norm(value, value.shape[-1:])
+        return normed * self.weight(f"{owner}.g_norm").view(shape) + self.weight(f"{owner}.b_norm").view(shape)
+
     def forward(self, tokens: torch.Tensor, *, query_only: bool = False) -> torch.Tensor:
         """Logits (R, B, L) of the query from tokens (R, B, S, token_dims).
 
@@ -102,8 +118,9 @@ class LabTransformer(nn.Module):
         for block in range(self.config.n_blocks):
             p = f"blocks.{block}"
             rows = resid[:, :, -1:] if query_only and block == self.config.n_blocks - 1 else resid
-            q = self.hook(f"{p}.attn.q", torch.einsum("rbsd,rdhe->rbshe", rows, self.weight(f"{p}.W_Q")))
-            k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", resid,
+            q = self.hook(f"{p}.attn.q", torch.einsum("rbsd,rdhe->rbshe", self.norm(p, rows), self.weight(f"{p}.W_Q")))
+            normed = self.norm(p, resid)
+            k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", normed,
                                                             self.weight(f"{p}.W_{x.upper()}"))) for x in "kv")
             scores = torch.einsum("rbqhe,rbkhe->rbhqk", q, k) * scale
             scores = self.hook(f"{p}.attn.scores", scores.masked_fill(future[seq - rows.shape[2]:], float("-inf")))
@@ -113,7 +130,7 @@ class LabTransformer(nn.Module):
             equation = "rbqhe,rhed->rbqhd" if out.dim() == 4 else "rbqhe,hed->rbqhd"
             head_out = self.hook(f"{p}.attn.head_out", torch.einsum(equation, z, out))
             resid = self.hook(f"{p}.resid_post", rows + head_out.sum(dim=3))
-        query = self.hook("readout.input", resid[:, :, -1])
+        query = self.hook("readout.input", self.norm("readout", resid[:, :, -1]))
         hidden = torch.relu(torch.baddbmm(self.weight("readout.b_1").unsqueeze(1), query, self.weight("readout.W_1")))
         hidden = self.hook("readout.hidden", hidden)
         logits = torch.baddbmm(self.weight("readout.b_2").unsqueeze(1), hidden, self.weight("readout.W_2"))
@@ -128,8 +145,11 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _init(shape: tuple[int, ...], name: str, generator: torch.Generator) -> torch.Tensor:
-    """Biases start at zero; weights ~ N(0, 1/fan_in) with fan_in the input width."""
+    """Biases start at zero, norm gains at one (neither draws from ``generator``, so the other weights do not
+    depend on them); weights ~ N(0, 1/fan_in) with fan_in the input width."""
     if name.rsplit(".", 1)[-1].startswith("b_"):
         return torch.zeros(shape)
+    if name.rsplit(".", 1)[-1].startswith("g_"):
+        return torch.ones(shape)
     fan_in = shape[0] if not name.endswith("W_O") else shape[0] * shape[1]
     return torch.randn(shape, generator=generator) / math.sqrt(fan_in)

@@ -109,3 +109,27 @@ def test_query_only_last_block_gives_the_same_logits(tiny):
         assert not model.needs_all_positions()
     with model.hooks.cache(["blocks.1.resid_post"]):
         assert model.needs_all_positions()
+
+
+def test_pre_layer_norm_normalises_the_attention_and_readout_inputs(tiny):
+    from dataclasses import replace
+
+    from torch.nn import functional as F
+
+    config = replace(tiny, model=replace(tiny.model, pre_norm=True))
+    model, batch = _model_and_tokens(config)
+    with torch.no_grad():
+        model.weight("blocks.0.g_norm").mul_(2.0)
+        model.weight("blocks.0.b_norm").add_(0.5)
+        with model.hooks.cache() as cache:
+            model(batch.tokens)
+    embed = cache["embed"]
+    normed = 2.0 * F.layer_norm(embed, embed.shape[-1:]) + 0.5
+    q = torch.einsum("rbsd,rdhe->rbshe", normed, model.weight("blocks.0.W_Q"))
+    torch.testing.assert_close(cache["blocks.0.attn.q"], q)
+    torch.testing.assert_close(cache["blocks.0.resid_post"], embed + cache["blocks.0.attn.head_out"].sum(dim=3))
+    final = cache["blocks.1.resid_post"][:, :, -1]
+    torch.testing.assert_close(cache["readout.input"], F.layer_norm(final, final.shape[-1:]))
+    plain = LabTransformer(tiny.model, tiny.task, (0, 1))
+    assert all(torch.equal(plain.weight(name), model.weight(name)) for name in plain.weight_names)
+    assert "blocks.0.g_norm" not in plain.weight_names
