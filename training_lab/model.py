@@ -3,10 +3,10 @@ seeds train at once as one model (one einsum per product instead of one model pe
 
 Per block: causal self-attention with ``n_heads`` heads (no 1/sqrt(d) score scaling unless asked), optional output
 projection W_O (without it each head's mixed values are written into its slice of the residual stream), and a
-residual connection; no MLP, and no norm unless ``pre_norm`` (then a LayerNorm with learned gain and bias feeds
-each block's attention and the read-out, [S]'s pre-LayerNorm; the hook points see the block input and the
-read-out input after it, the residual stream stays un-normalised). The read-out is a two-layer ReLU MLP on the query (last) position's final
-residual state, into the labels. Each run's weights are drawn from its own seed in a fixed order, so a run's
+residual connection; no MLP, and no norm unless ``pre_norm`` ([S]'s pre-LayerNorm: a LayerNorm with learned
+gain and bias feeds each block's attention and the read-out, so ``readout.input`` is the normalised query state;
+the residual stream itself stays un-normalised). The read-out is a two-layer ReLU MLP on the query (last)
+position's final residual state, into the labels. Each run's weights are drawn from its own seed in a fixed order, so a run's
 initial weights do not depend on which other runs share the batch.
 
 Hook points (value shapes; R runs, B batch, S positions, H heads, E head width, d width, h read-out width):
