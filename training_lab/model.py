@@ -6,8 +6,8 @@ projection W_O (without it each head's mixed values are written into its slice o
 residual connection; no MLP, and no norm unless ``pre_norm`` ([S]'s pre-LayerNorm: a LayerNorm with learned
 gain and bias feeds each block's attention and the read-out, so ``readout.input`` is the normalised query state;
 the residual stream itself stays un-normalised). The read-out is a two-layer ReLU MLP on the query (last)
-position's final residual state, into the labels. Each run's weights are drawn from its own seed in a fixed order, so a run's
-initial weights do not depend on which other runs share the batch.
+position's final residual state, into the labels. Each run's weights are drawn from its own seed in a fixed
+order, so a run's initial weights do not depend on which other runs share the batch.
 
 Hook points (value shapes; R runs, B batch, S positions, H heads, E head width, d width, h read-out width):
 ``embed`` (R,B,S,d); per block b: ``blocks.b.attn.q|k|v`` (R,B,S,H,E), ``blocks.b.attn.scores`` (R,B,H,S,S)
