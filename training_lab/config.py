@@ -68,6 +68,8 @@ class ModelConfig:
     128); ``"linear"`` learns a projection. ``output_projection`` is W_O ([M]'s paper has it, its code does not).
     ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not). ``pre_norm`` applies a LayerNorm
     (learned gain and bias) to each block's input and to the read-out's input ([S]'s pre-LayerNorm; [M] has none).
+    ``positions = "rotary"`` rotates queries and keys by their positions ([S]'s rotary embeddings, base 10000;
+    needs an even head width); ``"none"`` leaves position to the tokens' one-hot code ([M]).
     """
 
     width: int = 128
@@ -78,6 +80,7 @@ class ModelConfig:
     scale_scores: bool = False
     embed: str = "identity"
     pre_norm: bool = False
+    positions: str = "none"
 
     def __post_init__(self) -> None:
         _positive("model", width=self.width, n_blocks=self.n_blocks, n_heads=self.n_heads,
@@ -86,6 +89,11 @@ class ModelConfig:
             raise LabError(f"model.width ({self.width}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.embed not in ("identity", "linear"):
             raise LabError(f"model.embed must be 'identity' or 'linear', got {self.embed!r}")
+        if self.positions not in ("none", "rotary"):
+            raise LabError(f"model.positions must be 'none' or 'rotary', got {self.positions!r}")
+        if self.positions == "rotary" and (self.width // self.n_heads) % 2:
+            raise LabError(f"rotary positions need an even head width, got {self.width // self.n_heads} "
+                           "(model.width / model.n_heads); change the width or the number of heads")
 
 
 #: The optimizers a lab run can use, by their config name.

@@ -5,7 +5,8 @@ Per block: causal self-attention with ``n_heads`` heads (no 1/sqrt(d) score scal
 projection W_O (without it each head's mixed values are written into its slice of the residual stream), and a
 residual connection; no MLP, and no norm unless ``pre_norm`` ([S]'s pre-LayerNorm: a LayerNorm with learned
 gain and bias feeds each block's attention and the read-out, so ``readout.input`` is the normalised query state;
-the residual stream itself stays un-normalised). The read-out is a two-layer ReLU MLP on the query (last)
+the residual stream itself stays un-normalised); with ``positions = "rotary"`` queries and keys are rotated by
+their positions (:func:`rotate`) before their hook points. The read-out is a two-layer ReLU MLP on the query (last)
 position's final residual state, into the labels. Each run's weights are drawn from its own seed in a fixed
 order, so a run's initial weights do not depend on which other runs share the batch.
 
@@ -118,10 +119,14 @@ class LabTransformer(nn.Module):
         for block in range(self.config.n_blocks):
             p = f"blocks.{block}"
             rows = resid[:, :, -1:] if query_only and block == self.config.n_blocks - 1 else resid
-            q = self.hook(f"{p}.attn.q", torch.einsum("rbsd,rdhe->rbshe", self.norm(p, rows), self.weight(f"{p}.W_Q")))
             normed = self.norm(p, resid)
-            k, v = (self.hook(f"{p}.attn.{x}", torch.einsum("rbsd,rdhe->rbshe", normed,
-                                                            self.weight(f"{p}.W_{x.upper()}"))) for x in "kv")
+            q = torch.einsum("rbsd,rdhe->rbshe", self.norm(p, rows), self.weight(f"{p}.W_Q"))
+            k = torch.einsum("rbsd,rdhe->rbshe", normed, self.weight(f"{p}.W_K"))
+            if self.config.positions == "rotary":
+                positions = torch.arange(seq, device=resid.device)
+                q, k = rotate(q, positions[seq - rows.shape[2]:]), rotate(k, positions)
+            q, k = self.hook(f"{p}.attn.q", q), self.hook(f"{p}.attn.k", k)
+            v = self.hook(f"{p}.attn.v", torch.einsum("rbsd,rdhe->rbshe", normed, self.weight(f"{p}.W_V")))
             scores = torch.einsum("rbqhe,rbkhe->rbhqk", q, k) * scale
             scores = self.hook(f"{p}.attn.scores", scores.masked_fill(future[seq - rows.shape[2]:], float("-inf")))
             pattern = self.hook(f"{p}.attn.pattern", softmax(scores))
@@ -135,6 +140,18 @@ class LabTransformer(nn.Module):
         hidden = self.hook("readout.hidden", hidden)
         logits = torch.baddbmm(self.weight("readout.b_2").unsqueeze(1), hidden, self.weight("readout.W_2"))
         return self.hook("logits", logits)
+
+
+def rotate(x: torch.Tensor, positions: torch.Tensor, base: float = 10_000.0) -> torch.Tensor:
+    """Rotary position embedding of queries or keys ``x`` (R, B, S, H, E) at ``positions`` (S,): each pair of
+    dimensions (i, i + E/2) turns by the angle position * base^(-2i/E), so a query-key product depends on the
+    positions' difference only."""
+    half = x.shape[-1] // 2
+    frequencies = base ** (-torch.arange(half, dtype=x.dtype, device=x.device) * 2.0 / x.shape[-1])
+    angles = positions.to(x.dtype)[:, None, None] * frequencies  # (S, 1, E/2), broadcast over heads
+    cos, sin = angles.cos(), angles.sin()
+    first, second = x[..., :half], x[..., half:]
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
 def softmax(scores: torch.Tensor) -> torch.Tensor:

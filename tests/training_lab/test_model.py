@@ -133,3 +133,27 @@ def test_pre_layer_norm_normalises_the_attention_and_readout_inputs(tiny):
     plain = LabTransformer(tiny.model, tiny.task, (0, 1))
     assert all(torch.equal(plain.weight(name), model.weight(name)) for name in plain.weight_names)
     assert "blocks.0.g_norm" not in plain.weight_names
+
+
+def test_rotary_positions_make_scores_depend_on_relative_position_only(tiny):
+    from dataclasses import replace
+
+    from training_lab.model import rotate
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 1, 6, generator=generator)
+    dot = [(rotate(q, torch.tensor([i])) * rotate(k, torch.tensor([j]))).sum() for i, j in ((4, 1), (7, 4), (2, 2))]
+    torch.testing.assert_close(dot[0], dot[1])
+    torch.testing.assert_close(dot[2], (q * k).sum())
+    torch.testing.assert_close(rotate(q, torch.tensor([5])).norm(), q.norm())
+    config = replace(tiny, model=replace(tiny.model, width=12, n_heads=2, embed="linear", positions="rotary"))
+    model, batch = _model_and_tokens(config)
+    with model.hooks.cache() as cache:
+        model(batch.tokens)
+    raw = torch.einsum("rbsd,rdhe->rbshe", cache["embed"], model.weight("blocks.0.W_K"))
+    positions = torch.arange(config.task.seq_len)
+    torch.testing.assert_close(cache["blocks.0.attn.k"], rotate(raw, positions))
+    with pytest.raises(LabError, match="rotary positions need an even head width"):
+        replace(tiny.model, width=9, n_heads=3, positions="rotary")
+    with pytest.raises(LabError, match="model.positions must be"):
+        replace(tiny.model, positions="learned")
