@@ -134,3 +134,17 @@ def test_a_clamped_config_round_trips_through_toml_and_the_cli_loader(tiny, tmp_
     path.write_text(dump_toml(config))
     assert "[[clamp]]" in path.read_text()
     assert load_lab_config(path, tiny) == config
+
+
+def test_clamps_with_s_model_options_on_batched_seeds_equal_separate_runs(tiny, tmp_path):
+    config = replace(tiny,
+                     task=replace(tiny.task, n_tasks=1, query_in_context=True),
+                     model=replace(tiny.model, width=12, n_heads=2, embed="linear", pre_norm=True, positions="rotary"),
+                     train=replace(tiny.train, steps=8, optimizer="adam", lr=1e-3),
+                     clamps=(ClampSpec("attn.pattern", "induction", blocks=(1,), heads=(0,), strength=0.5),))
+    batched = train(config.with_seeds((0, 1)), tmp_path / "batched", progress=False).load()
+    assert np.isfinite(batched["loss"].values).all()
+    for index, seed in enumerate((0, 1)):
+        alone = train(config.with_seeds((seed,)), tmp_path / f"seed{seed}", progress=False).load()
+        np.testing.assert_allclose(batched["loss"].isel(seed=index), alone["loss"].isel(seed=0), rtol=1e-5,
+                                   atol=1e-6)
