@@ -24,7 +24,9 @@ def _positive(owner: str, **values: int | float) -> None:
 @dataclass(frozen=True)
 class TaskConfig:
     """[M]'s meta-learning task (see :mod:`training_lab.tasks`); ``n_tasks=1, query_in_context=True`` is the plain
-    induction copy task."""
+    induction copy task; ``relabel`` (with ``query_in_context``) draws the context's labels afresh for every
+    sequence, distinct, from the ``n_labels`` labels, so only in-context learning solves it ([S]'s task with
+    ``n_pairs=2``)."""
 
     n_tasks: int = 3
     n_classes: int = 64
@@ -34,6 +36,7 @@ class TaskConfig:
     position_dims: int = 65
     epsilon: float = 0.1
     query_in_context: bool = False
+    relabel: bool = False
 
     def __post_init__(self) -> None:
         _positive("task", n_tasks=self.n_tasks, n_classes=self.n_classes, n_labels=self.n_labels,
@@ -43,6 +46,12 @@ class TaskConfig:
         if self.n_pairs > self.n_classes:
             raise LabError(f"task.n_pairs ({self.n_pairs}) exceeds task.n_classes ({self.n_classes}): a context "
                            "needs distinct classes; lower n_pairs or raise n_classes")
+        if self.relabel and not self.query_in_context:
+            raise LabError("task.relabel needs task.query_in_context = true (the query's label comes from the "
+                           "context)")
+        if self.relabel and self.n_pairs > self.n_labels:
+            raise LabError(f"task.relabel needs n_pairs ({self.n_pairs}) <= n_labels ({self.n_labels}): the "
+                           "context's labels are distinct")
         if self.n_tasks > self.n_labels:
             raise LabError(f"task.n_tasks ({self.n_tasks}) exceeds the {self.n_labels} distinct label maps "
                            "(shifts mod n_labels); lower n_tasks or raise n_labels")

@@ -5,7 +5,9 @@ a base label per class. Task t maps class k to label (base_label[k] + t) mod L, 
 is N (item, label) pairs of N distinct classes under one task drawn uniformly from the T tasks, followed by a query
 item whose class is drawn from all K classes (or, with ``query_in_context``, from the context's classes: with T = 1
 that is the plain induction copy task). An item of class k is (mu_k + epsilon * eta) / sqrt(1 + epsilon^2) with
-eta ~ N(0, I/D), drawn afresh for every item.
+eta ~ N(0, I/D), drawn afresh for every item. With ``relabel`` (and ``query_in_context``) the context's labels are
+instead N distinct labels drawn per sequence and the query takes the label of its class in the context: [S]'s task
+(N = 2: exemplar, label, exemplar, label, query), with Gaussian class exemplars in place of [S]'s Omniglot features.
 
 Tokens (our choice, stated because the paper leaves it open): a token is its content vector (the item, or the
 label's D-dim vector) followed by a one-hot code of its position 0..2N in ``position_dims`` slots, so a token is
@@ -77,6 +79,9 @@ def sample(task: TaskConfig, world: World, batch_size: int, generator: torch.Gen
     noise = torch.randn(batch_size, n + 1, d, generator=generator) / math.sqrt(d)
     items = (world.means[classes] + task.epsilon * noise) / math.sqrt(1.0 + task.epsilon**2)
     labels = label_maps(task, world)[task_id.unsqueeze(1), classes]  # (B, N+1)
+    if task.relabel:  # distinct labels drawn per sequence; the query takes its class's label
+        drawn = torch.rand(batch_size, task.n_labels, generator=generator).topk(n, dim=1).indices
+        labels = torch.cat([drawn, drawn.gather(1, slot)], dim=1)
     tokens = torch.zeros(batch_size, task.seq_len, task.token_dims)
     tokens[:, 0::2, :d] = items
     tokens[:, 1::2, :d] = world.label_vectors[labels[:, :n]]

@@ -88,3 +88,20 @@ def test_config_round_trips_through_a_plain_dict_and_refuses_unknown_keys():
         LabConfig(task=TaskConfig(item_dims=5, position_dims=9), model=ModelConfig(width=16), train=TrainConfig())
     with pytest.raises(LabError, match="valid presets: paper, quick"):
         preset("fast")
+
+
+def test_relabel_draws_distinct_labels_per_sequence_and_the_query_takes_its_class_label():
+    task = TaskConfig(n_tasks=1, n_classes=50, n_labels=5, n_pairs=2, item_dims=11, position_dims=5,
+                      query_in_context=True, relabel=True)
+    generator = torch.Generator().manual_seed(0)
+    batch = sample(task, make_world(task, generator), 400, generator)
+    context_labels = batch.tokens[:, 1::2, :11]  # label vectors of the context
+    world = make_world(task, torch.Generator().manual_seed(0))
+    ids = (context_labels[:, :, None] - world.label_vectors).abs().sum(-1).argmin(-1)  # (B, N)
+    assert (ids[:, 0] != ids[:, 1]).all()
+    slot = (batch.context_classes == batch.query_class[:, None]).float().argmax(1)
+    assert torch.equal(batch.label, ids.gather(1, slot[:, None]).squeeze(1))
+    same = batch.context_classes[:, 0] == batch.context_classes[0, 0]
+    assert len(set(ids[same, 0].tolist())) > 1  # a class's label changes between sequences
+    with pytest.raises(LabError, match="task.relabel needs task.query_in_context"):
+        TaskConfig(n_pairs=2, relabel=True)
