@@ -31,3 +31,18 @@ def test_induction_strength_is_attention_to_the_correct_minus_the_wrong_label(ti
     to_first, to_second = row[..., 1], row[..., 3]
     expected = np.where(first[:, None, None], to_first - to_second, to_second - to_first).mean(-1)
     np.testing.assert_allclose(strength.values, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_singh_presets_are_s_setting_and_train(tmp_path):
+    from training_lab.config import preset
+
+    paper, quick = preset("singh"), preset("singh-quick")
+    assert (paper.task.n_pairs, paper.task.n_labels, paper.task.n_classes, paper.task.relabel) == (2, 5, 50, True)
+    assert (paper.model.width, paper.model.n_heads, paper.model.pre_norm, paper.model.positions) == (64, 8, True,
+                                                                                                    "rotary")
+    assert (paper.train.optimizer, paper.train.lr, paper.train.batch_size) == ("adam", 1e-5, 32)
+    assert quick.task == paper.task and quick.model == paper.model
+    config = replace(quick, train=replace(quick.train, steps=4, eval_examples=16, snapshot_examples=16))
+    train(config, tmp_path / "run", progress=False)
+    strength = induction_strength(open_run(tmp_path / "run", "snapshots").load())
+    assert strength.sizes["head"] == 8 and np.isfinite(strength.values).all()
