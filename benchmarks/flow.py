@@ -39,21 +39,7 @@ import torch  # noqa: E402
 
 from extraction.models import load_model  # noqa: E402
 from heads.flow import edge_scan  # noqa: E402
-
-
-def tiny_llama(folder: Path, blocks: int) -> str:
-    """A tiny random Llama with the tests' word tokenizer, saved to ``folder``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.conftest import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=blocks,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return str(folder)
+from tests.conftest import build_tiny_llama  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
-        spec = None if args.real else tiny_llama(Path(folder), blocks=8)
+        spec = None if args.real else str(build_tiny_llama(Path(folder), blocks=8))
         loaded = load_model(spec)
         n = args.n or (8 if args.real else 16)
         settings = dict(task="sentiment", shots=args.shots, n=n, width=args.width, batch_size=args.batch_size,

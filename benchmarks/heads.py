@@ -61,6 +61,7 @@ from heads.interventions import ablate  # noqa: E402
 from heads.prompting import prompt_batches  # noqa: E402
 from heads.selection import parse_heads  # noqa: E402
 from heads.sweeps import sweep  # noqa: E402
+from tests.conftest import build_tiny_llama  # noqa: E402
 
 
 def timed(run):
@@ -96,21 +97,6 @@ def common_loop_seconds(loaded, args: argparse.Namespace, head: tuple[int, int])
 
 MEMORY_BATCH = 8
 MEMORY_RUNS = [(4, 1), (4, 2), (4, 4), (8, 1)]  # (blocks, prompt-length factor)
-
-
-def build_tiny_model(folder: Path, blocks: int) -> Path:
-    """A tiny random Llama (hidden 64, 8 heads) with the tests' word-level tokenizer, saved in ``folder``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from tests.conftest import build_word_tokenizer
-
-    tokenizer = build_word_tokenizer(folder)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=blocks,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=2048, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    return folder
 
 
 def _resident_mib(field: str) -> float:
@@ -155,7 +141,7 @@ def score_memory() -> dict:
 
     runs, env = [], {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     with tempfile.TemporaryDirectory() as root:
-        folders = {blocks: build_tiny_model(Path(root) / f"blocks{blocks}", blocks)
+        folders = {blocks: build_tiny_llama(Path(root) / f"blocks{blocks}", blocks, heads=8, kv_heads=8)
                    for blocks in sorted({b for b, _ in MEMORY_RUNS})}
         for blocks, factor in MEMORY_RUNS:
             for path in ("new", "old"):

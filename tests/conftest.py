@@ -54,6 +54,19 @@ def build_word_tokenizer(directory: Path):
     return tokenizer
 
 
+def build_tiny_llama(folder: Path, blocks: int, heads: int = 4, kv_heads: int = 2) -> Path:
+    """A tiny random Llama (hidden 64) with the word-level tokenizer, saved in ``folder`` (for the benchmarks)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = build_word_tokenizer(folder)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=blocks,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
 def build_byte_level_tokenizer(directory: Path):
     """A byte-level BPE tokenizer trained on the built-in datasets until every word is one token (no <bos>).
 

@@ -64,26 +64,36 @@ def _record(loaded, block, batch, *contexts):
 
 
 @torch.no_grad()
+def _weights_and_values(loaded, block, args, kwargs, hidden):
+    """Eager weights (B, H, T, T) and per-head values (B, H, T, hd) of ``block``'s attention on input ``hidden``."""
+    arch = loaded.arch
+    attention = arch.attentions[block]
+    call_args = (hidden, *args[1:]) if args else args
+    call_kwargs = kwargs if args else {**kwargs, "hidden_states": hidden}
+    weights = attention(*call_args, **call_kwargs)[1]
+    length = weights.shape[-1]
+    diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
+    values = {}
+    handle = arch.output_projections[block].register_forward_pre_hook(
+        lambda module, a: values.setdefault("v", a[0].clone()))
+    try:
+        attention(*call_args, **{**call_kwargs, "attention_mask": diagonal})
+    finally:
+        handle.remove()
+    b, t, _ = values["v"].shape
+    return weights, values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)
+
+
+@torch.no_grad()
 def _reference(loaded, block, batch, blocked):
     """The output projection's input at ``block`` with ``blocked`` (B, 1|H, T, T) removed from the eager weights."""
-    arch = loaded.arch
     with eager_attention(loaded.model):
         args, kwargs = _record(loaded, block, batch)["call"]
-        attention = arch.attentions[block]
-        weights = attention(*args, **kwargs)[1]
-        length = weights.shape[-1]
-        diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
-        values = {}
-        handle = arch.output_projections[block].register_forward_pre_hook(
-            lambda module, a: values.setdefault("v", a[0].clone()))
-        try:
-            attention(*args, **{**kwargs, "attention_mask": diagonal})
-        finally:
-            handle.remove()
+        hidden = args[0] if args else kwargs["hidden_states"]
+        weights, v = _weights_and_values(loaded, block, args, kwargs, hidden)  # v: (B, H, T, hd)
     kept = weights.masked_fill(blocked, 0.0)
     kept = kept / kept.sum(-1, keepdim=True)
-    b, t, _ = values["v"].shape
-    v = values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)  # (B, H, T, hd)
+    b, _, t, _ = v.shape
     return (kept @ v).transpose(1, 2).reshape(b, t, -1), weights
 
 
@@ -166,27 +176,6 @@ def _donor(loaded, base, seed=7):
     prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=base.input_ids.shape[0], seed=seed)
     encoded = encode(loaded.tokenizer, prompts.prompts)
     return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
-
-
-@torch.no_grad()
-def _weights_and_values(loaded, block, args, kwargs, hidden):
-    """Eager weights (B, H, T, T) and per-head values (B, H, T, hd) of ``block``'s attention on input ``hidden``."""
-    arch = loaded.arch
-    attention = arch.attentions[block]
-    call_args = (hidden, *args[1:]) if args else args
-    call_kwargs = kwargs if args else {**kwargs, "hidden_states": hidden}
-    weights = attention(*call_args, **call_kwargs)[1]
-    length = weights.shape[-1]
-    diagonal = torch.full((length, length), torch.finfo(weights.dtype).min).fill_diagonal_(0)[None, None]
-    values = {}
-    handle = arch.output_projections[block].register_forward_pre_hook(
-        lambda module, a: values.setdefault("v", a[0].clone()))
-    try:
-        attention(*call_args, **{**call_kwargs, "attention_mask": diagonal})
-    finally:
-        handle.remove()
-    b, t, _ = values["v"].shape
-    return weights, values["v"].view(b, t, arch.n_heads, -1).transpose(1, 2)
 
 
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
