@@ -65,6 +65,7 @@ def _names(text: str) -> list[str]:
 
 
 def run_scan(args: argparse.Namespace) -> int:
+    from extraction.store import consolidate
     from geometry.plots import save
     from heads.flow import edge_scan, flow_table
     from heads.flow_plots import plot_flow
@@ -81,7 +82,8 @@ def run_scan(args: argparse.Namespace) -> int:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
         table.to_csv(folder / "flow.csv", index=False)
-        ds.to_zarr(folder / "flow.zarr", mode="w")
+        ds.to_zarr(folder / "flow.zarr", mode="w", consolidated=False)
+        consolidate(folder / "flow.zarr")  # opens with xarray.open_zarr's defaults, without a warning
         figures = save(plot_flow(ds), folder, "flow_heatmap", formats=("png",))
         summary["out"] = {"table": str(folder / "flow.csv"), "dataset": str(folder / "flow.zarr"),
                           "figures": [str(p) for p in figures]}

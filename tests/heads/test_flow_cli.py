@@ -4,6 +4,7 @@ changes, and one-line errors for bad input; in-process on the tiny Gemma."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pandas as pd
 import pytest
@@ -23,7 +24,9 @@ def test_scan_writes_table_dataset_and_heat_map(tiny_gemma_dir, tmp_path, capsys
     table = pd.read_csv(out / "flow.csv")
     assert set(table["edge"]) == {"y->x", "y->final"}
     assert {"accuracy_change", "logit_change"} <= set(table["quantity"])
-    ds = xr.open_zarr(out / "flow.zarr")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = xr.open_zarr(out / "flow.zarr")
     assert list(ds["edge"].values) == ["y->x", "y->final"]
     assert (out / "flow_heatmap.png").exists()
     assert summary["clean_accuracy"] == pytest.approx(ds.attrs["clean_accuracy"])
