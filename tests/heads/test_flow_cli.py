@@ -56,3 +56,18 @@ def test_bad_input_is_one_line_and_exit_2(tiny_gemma_dir, tmp_path, capsys, argv
                  *(["--shots", "2"] if "--shots" not in argv else [])])
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("step", ["scan", "knockout"])
+def test_help_teaches_with_examples(step, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["flow", step, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"icl-geometry flow {step}" in text and "--width" in text
+
+
+def test_flow_without_a_step_names_the_edge_types(capsys):
+    assert main(["flow"]) == 2
+    text = capsys.readouterr().out
+    assert "scan" in text and "knockout" in text and "y->final" in text
