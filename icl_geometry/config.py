@@ -131,8 +131,8 @@ CHOICES = {
     ("data", "label_mode"): ("words", "symbolic", "random"),
     ("heads", "mode"): ("zero", "mean"),
 }
-POSITIVE = {("model", "batch_size"), ("data", "n"), ("heads", "shots"), ("heads", "n_score"), ("flow", "shots"), ("flow", "n"),
-            ("flow", "width")}
+POSITIVE = {("model", "batch_size"), ("data", "n"), ("heads", "shots"), ("heads", "n_score"), ("flow", "shots"),
+            ("flow", "n"), ("flow", "width")}
 
 
 def quick_config() -> StudyConfig:
