@@ -35,7 +35,8 @@ def test_scan_writes_table_dataset_and_heat_map(tiny_gemma_dir, tmp_path, capsys
 def test_knockout_writes_measure_changes(tiny_gemma_dir, tmp_path, capsys):
     store, out = tmp_path / "s.zarr", tmp_path / "changes.csv"
     code = main(["flow", "knockout", str(store), "--model", str(tiny_gemma_dir), "--shots", "2", "--n", "8",
-                 "--sampling", "balanced", "--edge", "y->final", "--window", "0", "--width", "1", "--n-boot", "0", "--out", str(out)])
+                 "--sampling", "balanced", "--edge", "y->final", "--window", "0", "--width", "1",
+                 "--n-boot", "0", "--out", str(out)])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["group"] == "knockout_y-final_0-0" and summary["baseline"] == "icl"
