@@ -26,7 +26,7 @@ def plot_flow(ds: xr.Dataset, title: str | None = None) -> Figure:
         image = ax.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
         for (i, j), value in np.ndenumerate(values):
             ax.text(j, i, f"{value:+.2f}\n[{low[i, j]:+.2f}, {high[i, j]:+.2f}]", ha="center", va="center",
-                    fontsize=6)
+                    fontsize=6, color="white" if abs(value) > 0.6 * scale else "black")
         ax.set_xticks(range(len(edges)), edges, rotation=30, ha="right")
         ax.set_yticks(range(len(windows)), windows)
         ax.set_xlabel("edge knocked out (senders -> receivers)")
