@@ -125,17 +125,20 @@ def accuracy_table(store: Path, groups: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("setting")
 
 
+def change_frame(measured: xr.Dataset, baseline: xr.Dataset, group: str, baseline_group: str) -> pd.DataFrame:
+    """Per layer and measure of one intervention group: value, its baseline's value and the change (intervention -
+    baseline); both are ``geometry.measure`` results."""
+    value, base = measured["value"], baseline["value"]
+    frame = xr.Dataset({"value": value, "baseline_value": base, "change": value - base}).to_dataframe().reset_index()
+    frame.insert(0, "baseline", baseline_group)
+    frame.insert(0, "group", group)
+    return frame
+
+
 def measure_changes(measures: dict[str, xr.Dataset], groups: dict[str, str]) -> pd.DataFrame:
     """Per intervention, layer and measure: value, its baseline's value and the change (intervention - baseline)."""
-    frames = []
-    for role, base in BASELINES.items():
-        value, baseline = measures[role]["value"], measures[base]["value"]
-        frame = xr.Dataset({"value": value, "baseline_value": baseline, "change": value - baseline}).to_dataframe()
-        frame = frame.reset_index()
-        frame.insert(0, "baseline", groups[base])
-        frame.insert(0, "group", groups[role])
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([change_frame(measures[role], measures[base], groups[role], groups[base])
+                      for role, base in BASELINES.items()], ignore_index=True)
 
 
 def _group_names(groups: dict[str, str] | None) -> dict[str, str]:

@@ -10,7 +10,8 @@ import sys
 from extraction.errors import GroupClashError, ICLGeometryError
 
 #: Modules that contribute subcommands through a ``register(subparsers)`` function, in help order.
-COMMAND_MODULES = ("icl_geometry.study_cli", "extraction.cli", "geometry.cli", "heads.cli", "training_lab.cli")
+COMMAND_MODULES = ("icl_geometry.study_cli", "extraction.cli", "geometry.cli", "heads.cli", "heads.flow_cli",
+                   "training_lab.cli")
 
 DESCRIPTION = """Hidden-state geometry of in-context learning, layer by layer.
 

@@ -85,6 +85,23 @@ class HeadsSection:
     mode: str = "zero"  #: ablation mode, zero or mean (the random control set is drawn with data.seed)
 
 
+def _all_edges() -> list[str]:
+    from extraction.edges import EDGE_TYPES
+
+    return list(EDGE_TYPES)
+
+
+@dataclass
+class FlowSection:
+    """Attention-edge knockout scans ([B]; ``heads.edge_scan``), off by default."""
+
+    enabled: bool = False  #: run the edge scan per task
+    shots: int = 8  #: k of the scanned prompts
+    n: int = 32  #: prompts per scan
+    width: int = 3  #: blocks per layer window (stride 1)
+    edges: list[str] = field(default_factory=_all_edges)  #: edge types to knock out (default: all six)
+
+
 @dataclass
 class StudyConfig:
     """The whole study: one section per stage family."""
@@ -93,6 +110,7 @@ class StudyConfig:
     data: DataSection = field(default_factory=DataSection)
     geometry: GeometrySection = field(default_factory=GeometrySection)
     heads: HeadsSection = field(default_factory=HeadsSection)
+    flow: FlowSection = field(default_factory=FlowSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -113,7 +131,8 @@ CHOICES = {
     ("data", "label_mode"): ("words", "symbolic", "random"),
     ("heads", "mode"): ("zero", "mean"),
 }
-POSITIVE = {("model", "batch_size"), ("data", "n"), ("heads", "shots"), ("heads", "n_score")}
+POSITIVE = {("model", "batch_size"), ("data", "n"), ("heads", "shots"), ("heads", "n_score"), ("flow", "shots"),
+            ("flow", "n"), ("flow", "width")}
 
 
 def quick_config() -> StudyConfig:
@@ -172,6 +191,9 @@ def _validate(config: StudyConfig) -> StudyConfig:
         raise ConfigError("geometry.n_boot and geometry.n_boot_separability must be >= 0, geometry.rank >= 1")
     if not 0 <= config.geometry.min_rise < float("inf"):
         raise ConfigError(f"geometry.min_rise must be a finite number >= 0, not {config.geometry.min_rise}")
+    unknown_edges = sorted(set(config.flow.edges) - set(_all_edges()))
+    if unknown_edges or not config.flow.edges:
+        raise ConfigError(f"flow.edges: {unknown_edges or 'empty'}; choose from {', '.join(_all_edges())}")
     return config
 
 

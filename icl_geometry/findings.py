@@ -127,3 +127,26 @@ def task_findings(accuracy: pd.DataFrame, measures: pd.DataFrame, transitions: p
                          f"{row.mean_block_ih:.1f} vs {row.mean_block_pth:.1f}; Mann-Whitney U p = {row.p_value:.3g}; "
                          "Gemma-2B in the paper: 12.2 vs 6.2).")
     return sentences
+
+
+def flow_findings(flow: pd.DataFrame) -> list[str]:
+    """[B]'s question in words from an edge-scan table (``heads.flow_table``): per half of the model (windows
+    starting in the lower vs upper half of the blocks), the edge types whose knockout lowers accuracy most, with the
+    mean accuracy and gold-logit change over that half's windows."""
+    change = flow[flow.quantity.isin(["accuracy_change", "logit_change"])]
+    if change.empty:
+        return []
+    n_blocks = int(change.window_last.max()) + 1
+    half = (n_blocks + 1) // 2
+    sentences = []
+    for name, rows in (("lower", change[change.window < half]), ("upper", change[change.window >= half])):
+        if rows.empty:
+            continue
+        means = rows.pivot_table(index="edge", columns="quantity", values="value", aggfunc="mean")
+        means = means.sort_values("accuracy_change")
+        ranked = "; ".join(f"{edge} {row.accuracy_change:+.2f} (logit {row.logit_change:+.2f})"
+                           for edge, row in means.iterrows())
+        first, last = int(rows.window.min()), int(rows.window_last.max())
+        sentences.append(f"Windows starting in the {name} blocks ({first}-{last}): mean accuracy change by edge "
+                         f"knocked out, most harmful first: {ranked}.")
+    return sentences

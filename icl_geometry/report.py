@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from icl_geometry.findings import PAPER_GEMMA_2B, SETTING_NAMES, task_findings
+from icl_geometry.findings import PAPER_GEMMA_2B, SETTING_NAMES, flow_findings, task_findings
 
 STYLE = """
 body { font: 15px/1.5 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -98,6 +98,15 @@ def _task_section(folder: Path, task: str, tables: dict[str, pd.DataFrame]) -> s
     parts.append(image_tag(figures / "head_scores.png", f"{task} head scores"))
     if not placement.empty:
         parts.append(html_table(placement.drop(columns=["task"], errors="ignore")))
+    flow = _subset(tables["flow"], task)
+    if not flow.empty:
+        parts.append("<h3>Information flow between positions (edge knockout)</h3><ul class='findings'>")
+        parts += [f"<li>{html.escape(sentence)}</li>" for sentence in flow_findings(flow)]
+        parts.append("</ul>")
+        parts.append(image_tag(figures / "flow.png", f"{task} edge knockout heat map"))
+        parts.append("<p class='muted'>[B] (Bakalova et al., Gemma-2 2B): contextualization edges (y->x) matter in "
+                     "lower layers, aggregation edges (y->final) in higher ones. Every cell is in "
+                     "<code>tables/flow.csv</code>.</p>")
     parts.append(image_tag(figures / "projections.png", f"{task} PCA of query states"))
     return "\n".join(parts)
 
@@ -106,7 +115,8 @@ def write_report(folder: str | Path) -> Path:
     """Build ``report.html`` in a study folder from its tables and figures; return its path."""
     folder = Path(folder)
     meta = json.loads((folder / "study.json").read_text())
-    tables = {name: _read(folder, f"{name}.csv") for name in ("accuracy", "measures", "transitions", "placement")}
+    tables = {name: _read(folder, f"{name}.csv") for name in ("accuracy", "measures", "transitions", "placement",
+                                                                 "flow")}
     setup = pd.DataFrame([{"item": key, "value": str(value)} for key, value in meta["setup"].items()])
     body = [
         "<h1>Hidden-state geometry of in-context learning</h1>",

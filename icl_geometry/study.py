@@ -6,7 +6,8 @@ Output folder layout::
     stages.json            finished stages (resume marker)
     study.json             setup and timing facts shown in the report
     stores/<task>.zarr     one store per task: icl (and icl_k<k>), zero_shot, ablate_*, inject_*, head_scores
-    tables/*.csv           accuracy, measures (tidy), transitions, head_scores, head_sets, placement
+    tables/*.csv           accuracy, measures (tidy), transitions, head_scores, head_sets, placement, flow
+                           (edge scan cells, only with [flow] enabled = true)
     figures/<task>/*.png   layer-wise curves, measure changes, k sweep, head-score heat maps, PCA panels
     report.html            everything above on one self-contained page
 """
@@ -32,7 +33,7 @@ from icl_geometry.stages import Manifest, Stage, run_stages
 log = logging.getLogger(__name__)
 
 INTERVENTION_GROUPS = ("ablate_pth", "ablate_ih", "ablate_random", "inject_ih", "inject_pth")
-TABLES = ("accuracy", "measures", "transitions", "changes", "head_scores", "head_sets", "placement")
+TABLES = ("accuracy", "measures", "transitions", "changes", "head_scores", "head_sets", "placement", "flow")
 
 
 def task_label(task: str) -> str:
@@ -115,6 +116,18 @@ class Study:
             "ih_heads": len(result.sets["ih"]), "pth_heads": len(result.sets["pth"]),
         }]))
         save(heads.plot_scores(result.scores, sets=result.sets), self.figures(task), "head_scores")
+
+    def _flow(self, task: str) -> None:
+        from geometry.plots import save
+        from heads.flow import edge_scan, flow_table
+        from heads.flow_plots import plot_flow
+
+        flow = self.config.flow
+        ds = edge_scan(self.loaded, task=task, shots=flow.shots, n=flow.n, seed=self.config.data.seed,
+                       edges=flow.edges, width=flow.width, batch_size=self.config.model.batch_size,
+                       n_boot=self.config.geometry.n_boot, progress=self.progress, **self.prompt_options())
+        self._write_part("flow", task, flow_table(ds))
+        save(plot_flow(ds), self.figures(task), "flow", ("png", "svg"))
 
     def _geometry(self, task: str) -> None:
         """Measure every group, write the measure, transition and accuracy tables, and draw the curves."""
@@ -203,6 +216,10 @@ class Study:
             if self.config.heads.enabled:
                 stages.append(Stage(f"{name}: heads", n * 4 + self.config.heads.n_score * 2,
                                     lambda t=task: self._heads(t)))
+            if self.config.flow.enabled:
+                flow = self.config.flow
+                cells = len(flow.edges) * flow.n * (0.3 + flow.shots / 8)
+                stages.append(Stage(f"{name}: flow", cells, lambda t=task: self._flow(t)))
             stages.append(Stage(f"{name}: geometry", len(self.groups(task)) * 10 + 20, lambda t=task: self._geometry(t)))
         stages.append(Stage("tables", 1, self._tables))
         stages.append(Stage("report", 2, self._report))

@@ -1,0 +1,169 @@
+"""``icl-geometry flow``: attention-edge knockouts between position groups ([B], contextualize-then-aggregate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from extraction.cli import add_model_arguments, add_prompt_arguments, prompt_kwargs
+
+DESCRIPTION = """Information flow between the positions of a few-shot prompt ([B] Bakalova et al.): block the
+attention from one position group to another (pre-softmax score -inf, the rest renormalised) in a window of
+consecutive blocks and see what breaks. Edge types (senders -> receivers):
+
+  y->x      contextualization: output y_i -> later inputs x_j (j > i)
+  y->y      output y_i -> later outputs y_j (j > i)
+  x->y      within-example: input x_i -> its own output y_i
+  y->final  aggregation: every output y_i -> the final position
+  x->final  every input x_i -> the final position
+  query->final   the query input -> the final position
+
+[B]'s finding on Gemma-2 2B: contextualization edges matter in lower layers, aggregation edges in higher ones.
+Run `icl-geometry flow STEP --help` for each step's options and examples."""
+
+EXAMPLES = {
+    "scan": """examples:
+  # every edge type over every 3-block window, 32 8-shot sentiment prompts: CSV, Zarr and heat map in results/flow
+  icl-geometry flow scan --n 32 --width 3 --out results/flow
+  # two edge types only, wider windows, the model in bfloat16
+  icl-geometry flow scan --edges y->x,y->final --width 4 --dtype bfloat16 --out results/flow
+
+Writes OUT/flow.csv (one row per edge, window and quantity: value, low, high; window = first block, window_last
+= last block), OUT/flow.zarr (the whole Dataset, per-prompt label logits included) and OUT/flow_heatmap.png
+(window x edge: accuracy change and gold-label logit change, each cell with its bootstrap interval). Prints a JSON
+summary with the clean accuracy and the most harmful cells. Knockouts of one window share the clean pass below it.
+""",
+    "knockout": """examples:
+  # states of 64 8-shot prompts with aggregation (y->final) blocked in blocks 9-11, and every measure's change
+  icl-geometry flow knockout results/store.zarr --edge y->final --window 9 --width 3 --out results/changes.csv
+  # contextualization blocked in blocks 0-2 of heads 0 and 1 only
+  icl-geometry flow knockout results/store.zarr --edge y->x --window 0 --heads 0,1
+
+Writes the group knockout_<edge>_<first>-<last> (or --setting) like `icl-geometry extract`, with the knockout in
+its attrs, extracts the clean group 'icl' with the same prompts if the store lacks it (or --baseline), measures
+both with every geometry measure and writes the change (knockout - clean) per layer and measure as CSV (columns
+group, baseline, layer, measure, value, baseline_value, change). Prints a JSON summary with both accuracies.
+""",
+}
+
+
+def _load(args: argparse.Namespace):
+    from extraction.models import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def _print(payload: dict) -> None:
+    print(json.dumps(payload, default=str))
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def run_scan(args: argparse.Namespace) -> int:
+    from extraction.store import consolidate
+    from geometry.plots import save
+    from heads.flow import edge_scan, flow_table
+    from heads.flow_plots import plot_flow
+
+    started = time.perf_counter()
+    kwargs = prompt_kwargs(args)
+    ds = edge_scan(_load(args), edges=_names(args.edges) if args.edges else None, width=args.width,
+                   method=args.method, batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet,
+                   **kwargs)
+    table = flow_table(ds)
+    summary = {"method": args.method, "seconds": round(time.perf_counter() - started, 1),
+               "clean_accuracy": ds.attrs["clean_accuracy"], "width": args.width}
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        table.to_csv(folder / "flow.csv", index=False)
+        ds.to_zarr(folder / "flow.zarr", mode="w", consolidated=False)
+        consolidate(folder / "flow.zarr")  # opens with xarray.open_zarr's defaults, without a warning
+        figures = save(plot_flow(ds), folder, "flow_heatmap", formats=("png",))
+        summary["out"] = {"table": str(folder / "flow.csv"), "dataset": str(folder / "flow.zarr"),
+                          "figures": [str(p) for p in figures]}
+    change = table[table["quantity"] == "accuracy_change"]
+    summary["most_harmful"] = change.nsmallest(5, "value")[["edge", "window", "window_last", "value", "low",
+                                                            "high"]].to_dict(orient="records")
+    _print(summary)
+    return 0
+
+
+def knockout_group(edge: str, blocks: list[int]) -> str:
+    """Default group name of a knockout: ``knockout_<edge>_<first>-<last>`` with the arrow written as ``-``."""
+    return f"knockout_{re.sub(r'[^A-Za-z0-9]+', '-', edge)}_{blocks[0]}-{blocks[-1]}"
+
+
+def run_knockout(args: argparse.Namespace) -> int:
+    from extraction.edges import EdgeKnockout
+    from extraction.extractor import accuracy, extract
+    from geometry.sweep import measure
+    from heads.pipeline import change_frame
+
+    blocks = list(range(args.window, args.window + args.width))
+    heads = [int(h) for h in _names(args.heads)] if args.heads else None
+    knockout = EdgeKnockout(args.edge, blocks, heads, origin={"command": "flow knockout"})
+    loaded = _load(args)
+    knockout.check(loaded.arch)
+    group = args.setting or knockout_group(args.edge, blocks)
+    kwargs = dict(batch_size=args.batch_size, progress=not args.quiet, **prompt_kwargs(args))
+    # The knockout first: an edge with no positions in these prompts fails before anything else is written.
+    blocked = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=knockout, **kwargs)
+    clean = extract(loaded, args.store, setting=args.baseline, **kwargs)
+    changes = change_frame(measure(blocked, group, n_boot=args.n_boot, progress=not args.quiet),
+                           measure(clean, args.baseline, n_boot=args.n_boot, progress=not args.quiet),
+                           group, args.baseline)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        changes.to_csv(args.out, index=False)
+    largest = changes.reindex(changes["change"].abs().sort_values(ascending=False).index).head(5)
+    _print({"store": args.store, "group": group, "baseline": args.baseline, "blocks": blocks, "heads": heads,
+            "out": args.out, "accuracy": accuracy(blocked), "baseline_accuracy": accuracy(clean),
+            "largest_changes": largest[["layer", "measure", "change"]].to_dict(orient="records")})
+    return 0
+
+
+def _add(commands, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    if name == "knockout":
+        parser.add_argument("store", metavar="STORE", help="Zarr store (created if missing)")
+    add_model_arguments(parser)
+    add_prompt_arguments(parser)
+    parser.add_argument("--width", type=int, default=3, help="blocks per window (default 3)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default "
+                                                                 "1000; 0: none)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=func)
+    return parser
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("flow", help="knock out attention edges between prompt positions ([B])",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="flow_command", metavar="STEP")
+    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+
+    scan = _add(commands, "scan", "knock out every edge type over sliding block windows; table and heat map",
+                run_scan)
+    scan.set_defaults(n=32)
+    scan.add_argument("--edges", default=None, metavar="E,E", help="comma-separated edge types (default: all six)")
+    scan.add_argument("--method", default="fast", choices=["fast", "naive"],
+                      help="fast: share the clean pass below each window (default); naive: one pass per cell")
+    scan.add_argument("--out", default=None, metavar="DIR", help="write flow.csv, flow.zarr and flow_heatmap.png here")
+
+    knockout = _add(commands, "knockout", "extract states under one edge knockout; every measure's change",
+                    run_knockout)
+    knockout.add_argument("--edge", required=True, help="the edge type to block (see `icl-geometry flow --help`)")
+    knockout.add_argument("--window", type=int, default=0, help="first block of the window (default 0)")
+    knockout.add_argument("--heads", default=None, metavar="H,H", help="query heads to block (default: all)")
+    knockout.add_argument("--setting", default=None, help="group name (default knockout_<edge>_<first>-<last>)")
+    knockout.add_argument("--baseline", default="icl", help="clean group to compare with (default icl)")
+    knockout.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
+    knockout.add_argument("--out", default=None, metavar="CSV", help="write the measure changes here")
