@@ -14,6 +14,8 @@ and with its symbol), so that those become single tokens as they are for real mo
 
 from __future__ import annotations
 
+import copy
+
 import io
 from pathlib import Path
 
@@ -88,4 +90,13 @@ def byte_level_bpe_tokenizer(directory: Path | None = None, vocab_size: int = 15
                                         eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     if directory is not None:
         tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def left_padded(tokenizer):
+    """A copy padding on the left with a pad token, as ``extraction.load_model`` sets a tokenizer up."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -7,7 +7,6 @@ default model's (Gemma 3) real tokenizer.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 
 import numpy as np
@@ -16,31 +15,23 @@ import pytest
 from extraction.errors import LabelWordError
 from extraction.prompts import PromptSet, build_prompts, encode, label_token_ids
 from extraction.tasks import list_tasks, load_task
-from tests.tokenizer_builders import byte_level_bpe_tokenizer, sentencepiece_llama_tokenizer
+from tests.tokenizer_builders import byte_level_bpe_tokenizer, left_padded, sentencepiece_llama_tokenizer
 
 BUILDERS = {"sentencepiece": sentencepiece_llama_tokenizer, "byte_level": byte_level_bpe_tokenizer}
 
 
-def _ready(tokenizer):
-    """Left padding with a pad token, as ``extraction.load_model`` sets them."""
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
 
 @pytest.fixture(scope="module")
 def sentencepiece():
-    return _ready(sentencepiece_llama_tokenizer())
+    return left_padded(sentencepiece_llama_tokenizer())
 
 
 @pytest.fixture(scope="module",
                 params=["sentencepiece", "byte_level", pytest.param("gemma", marks=pytest.mark.real_model)])
 def tokenizer(request):
     if request.param == "gemma":
-        return _ready(request.getfixturevalue("real_tokenizer"))
-    return _ready(BUILDERS[request.param]())
+        return left_padded(request.getfixturevalue("real_tokenizer"))
+    return left_padded(BUILDERS[request.param]())
 
 
 def _in_context(tokenizer, prompts: PromptSet, word: str) -> int:

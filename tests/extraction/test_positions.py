@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -12,25 +11,18 @@ from extraction.errors import PromptError
 from extraction.positions import KIND_CODES, prompt_segments, token_groups
 from extraction.prompts import build_prompts, encode
 from extraction.tasks import load_task
-from tests.tokenizer_builders import byte_level_bpe_tokenizer, sentencepiece_llama_tokenizer
+from tests.tokenizer_builders import byte_level_bpe_tokenizer, left_padded, sentencepiece_llama_tokenizer
 
 SHOTS = 3
 
-
-def _ready(tokenizer):
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 @pytest.fixture(scope="module", params=["sentencepiece", "byte_level", "word"])
 def tokenizer(request, tiny_gemma_dir):
     if request.param == "word":
-        return _ready(AutoTokenizer.from_pretrained(tiny_gemma_dir))
+        return left_padded(AutoTokenizer.from_pretrained(tiny_gemma_dir))
     builder = sentencepiece_llama_tokenizer if request.param == "sentencepiece" else byte_level_bpe_tokenizer
-    return _ready(builder())
+    return left_padded(builder())
 
 
 def _text_of(tokenizer, ids) -> str:

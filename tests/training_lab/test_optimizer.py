@@ -10,6 +10,7 @@ from training_lab.config import LabConfig
 from training_lab.errors import LabError
 from training_lab.store import open_run
 from training_lab.train import Trainer, train
+from tests.training_lab.runs import train_interrupted
 
 
 def _adam(config, steps=20):
@@ -21,13 +22,7 @@ def test_adam_is_an_option_and_resumes_bit_for_bit(tiny, tmp_path):
     assert isinstance(Trainer(config, tmp_path / "probe").optimizer, torch.optim.Adam)
     assert LabConfig.from_dict(config.to_dict()) == config
     train(config, tmp_path / "whole", progress=False)
-
-    def kill(step):
-        if step == 13:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "resumed", on_step=kill, progress=False)
+    train_interrupted(config, tmp_path / "resumed", step=13)
     train(config, tmp_path / "resumed", progress=False)
     xr.testing.assert_identical(open_run(tmp_path / "whole").load(), open_run(tmp_path / "resumed").load())
     whole, resumed = (load_file(str(next((tmp_path / d / "checkpoints").glob("*.safetensors"))))

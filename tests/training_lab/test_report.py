@@ -8,6 +8,7 @@ import pytest
 from training_lab.report import analyse
 from training_lab.store import open_run
 from training_lab.train import train
+from tests.training_lab.runs import train_interrupted
 
 
 @pytest.fixture
@@ -35,12 +36,7 @@ def test_analyse_writes_tidy_tables_figures_and_a_self_contained_report(run):
 
 
 def test_analyse_reads_only_completed_steps(tiny, tmp_path):
-    def stop(step):
-        if step == 12:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny, tmp_path / "run", progress=False, on_step=stop)
+    train_interrupted(tiny, tmp_path / "run", step=12)
     result = analyse(tmp_path / "run", geometry=False)
     done = open_run(tmp_path / "run")["done"].values
     assert 0 < result.curves.sizes["step"] == done.sum() < len(done)

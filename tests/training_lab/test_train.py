@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from training_lab.errors import LabError, NonFiniteLossError
 from training_lab.store import open_run
 from training_lab.train import Trainer, schedule, train
+from tests.training_lab.runs import train_interrupted
 
 
 def _curves(out):
@@ -55,13 +56,7 @@ def test_batched_seeds_equal_separate_runs(tiny, tmp_path):
 def test_a_killed_run_resumes_to_the_uninterrupted_result_bit_for_bit(tiny, tmp_path):
     config = tiny.with_seeds((0, 1))
     train(config, tmp_path / "whole", progress=False)
-
-    def kill(step):
-        if step == 23:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tmp_path / "resumed", on_step=kill, progress=False)
+    train_interrupted(config, tmp_path / "resumed", step=23)
     assert not bool(_curves(tmp_path / "resumed")["done"].all())
     train(config, tmp_path / "resumed", progress=False)
     for group in ("curves", "snapshots"):
