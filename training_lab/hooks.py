@@ -7,7 +7,8 @@ always detach their functions on exit (also on an exception), and stay attached 
 runs, so a backward pass inside the block sees the same graph as the forward.
 
 Clamping cuts gradients: :meth:`Hooks.clamp` writes ``value.detach()`` into the chosen entries with ``torch.where``,
-so no gradient reaches a clamped entry nor, through it, the parameters that produced it.
+so no gradient reaches a clamped entry nor, through it, the parameters that produced it (with ``detach=False``
+the gradient still reaches whatever computed the written value).
 """
 
 from __future__ import annotations
@@ -91,13 +92,17 @@ class Hooks:
             yield store
 
     @contextmanager
-    def clamp(self, name: str, value: ClampValue, mask: torch.Tensor | None = None) -> Iterator[None]:
+    def clamp(self, name: str, value: ClampValue, mask: torch.Tensor | None = None, *,
+              detach: bool = True) -> Iterator[None]:
         """Overwrite the value at ``name`` with ``value`` where ``mask`` is True (everywhere when None), cutting
-        gradients through the overwritten entries. ``mask`` and a tensor ``value`` broadcast to the value."""
+        gradients through the overwritten entries. ``mask`` and a tensor ``value`` broadcast to the value.
+        ``detach=False`` lets the gradient reach whatever computed ``value`` itself (another forward pass, or
+        another point of the same pass); the overwritten entries' own computation still gets none."""
 
         def overwrite(current: torch.Tensor, point: HookPoint) -> torch.Tensor:
             target = value(current) if callable(value) else value
-            target = torch.as_tensor(target, dtype=current.dtype, device=current.device).detach()
+            target = torch.as_tensor(target, dtype=current.dtype, device=current.device)
+            target = target.detach() if detach else target
             if mask is None:
                 return target.expand_as(current).clone()
             return torch.where(mask.to(current.device), target, current)

@@ -39,7 +39,7 @@ class Batch:
     """A batch of contexts; with several runs stacked every field gains a leading run dimension.
 
     ``tokens`` (B, 2N+1, D+P) float; ``label`` (B,) the query's label; ``query_class`` (B,); ``task`` (B,);
-    ``context_classes`` (B, N); ``query_in_context`` (B,) bool."""
+    ``context_classes`` (B, N); ``query_in_context`` (B,) bool; ``context_labels`` (B, N) the context's labels."""
 
     tokens: torch.Tensor
     label: torch.Tensor
@@ -47,6 +47,7 @@ class Batch:
     task: torch.Tensor
     context_classes: torch.Tensor
     query_in_context: torch.Tensor
+    context_labels: torch.Tensor
 
 
 def make_world(task: TaskConfig, generator: torch.Generator) -> World:
@@ -88,7 +89,7 @@ def sample(task: TaskConfig, world: World, batch_size: int, generator: torch.Gen
     positions = torch.arange(task.seq_len)
     tokens[:, positions, d + positions] = 1.0
     present = (context == query_class.unsqueeze(1)).any(dim=1)
-    return Batch(tokens, labels[:, n], query_class, task_id, context, present)
+    return Batch(tokens, labels[:, n], query_class, task_id, context, present, labels[:, :n])
 
 
 def stack(batches: list[Batch]) -> Batch:
