@@ -75,6 +75,8 @@ def test_a_perfect_copy_writes_the_heads_label_scores_as_logits(s_tiny, tmp_path
         trainer.model(batch.tokens)
     with applied(trainer.model, (spec,), batch, s_tiny.task):
         logits = trainer.model(batch.tokens)
+    label_tokens = batch.tokens[0, :, 1::2, :s_tiny.task.item_dims]  # the context's labels, as the model sees them
+    torch.testing.assert_close(label_tokens, trainer.worlds[0].label_vectors[batch.context_labels[0]])
     scores = free["blocks.1.attn.scores"][:, :, 1, -1]  # (R, B, S) the query's row of head 1
     expected = torch.full(logits.shape, ABSENT_LOGIT + np.log(s_tiny.task.n_pairs))
     for pair in range(s_tiny.task.n_pairs):
@@ -158,9 +160,8 @@ def test_head_value_and_output_ablations_use_the_existing_points(s_tiny, tmp_pat
         trainer.model(batch.tokens)
     assert torch.all(seen["blocks.1.attn.head_out"][:, :, :, 0] == 0)
     assert seen["blocks.1.attn.head_out"][:, :, :, 1].abs().sum() > 0
-    mean = free["blocks.0.attn.head_out"][:, :, :, 1].mean(dim=1, keepdim=True)
-    torch.testing.assert_close(seen["blocks.0.attn.head_out"][:, :, :, 1], mean.expand_as(mean.new_empty(
-        seen["blocks.0.attn.head_out"][:, :, :, 1].shape)))
+    out = seen["blocks.0.attn.head_out"][:, :, :, 1]  # (R, B, S, d): head 1's output, its batch mean everywhere
+    torch.testing.assert_close(out, free["blocks.0.attn.head_out"][:, :, :, 1].mean(dim=1, keepdim=True).expand_as(out))
 
 
 def test_clamping_nothing_is_bitwise_the_unhooked_run(s_tiny, tmp_path, monkeypatch):
