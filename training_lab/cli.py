@@ -12,7 +12,7 @@ import torch
 
 from icl_geometry.config import dump_toml
 from training_lab.report import analyse, phase_sentences
-from training_lab.config import PRESETS, LabConfig, preset
+from training_lab.config import PRESETS, LabConfig, overlay, preset
 from training_lab.errors import LabError
 from training_lab.train import train
 
@@ -49,11 +49,7 @@ def load_lab_config(path: str | Path | None, base: LabConfig) -> LabConfig:
         raise LabError(f"cannot read the config file {path}: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise LabError(f"{path} is not valid TOML: {error}") from error
-    merged = base.to_dict()
-    for section, values in raw.items():
-        if section in merged and not isinstance(values, dict):
-            raise LabError(f"{path}: [{section}] must be a table of keys, got {values!r}")
-        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    merged = overlay(base.to_dict(), raw, str(path))
     try:
         return LabConfig.from_dict(merged)
     except (TypeError, ValueError) as error:
