@@ -1,5 +1,6 @@
 """``icl-geometry train``: train a lab run from a preset and an optional TOML file (resumable), then analyse it
-(:func:`training_lab.report.analyse`: tables, figures, ``report.html``)."""
+(:func:`training_lab.report.analyse`: tables, figures, ``report.html``); or, with ``--experiment``, train an
+experiment set (:mod:`training_lab.experiments`) and compare its runs (:mod:`training_lab.compare`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from icl_geometry.config import dump_toml
+from training_lab.compare import compare_experiment
 from training_lab.report import analyse, phase_sentences
 from training_lab.config import PRESETS, LabConfig, overlay, preset
 from training_lab.errors import LabError
+from training_lab.experiments import experiment_names, load_experiment, run_experiment
 from training_lab.train import train
 
 EXAMPLES = """
@@ -31,9 +35,16 @@ examples:
   # re-analyse a run (also one still training, or killed) without training further
   icl-geometry train --out lab-quick --analyse-only --smooth 9
 
+  # [S]'s clamp runs as one experiment: each configuration's seeds batched, phase-change times compared
+  icl-geometry train --experiment singh-clamps --quick --out singh-clamps-quick   # minutes
+  icl-geometry train --experiment singh-data --out singh-data   # [S]'s scale; re-run to resume
+  icl-geometry train --experiment singh-clamps --quick --print-config   # see every configuration
+  icl-geometry train --experiment my-set.toml --out my-set       # your own set (see training_lab/experiments.py)
+
 A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
 it in a browser). Running the same command again continues an interrupted run; a different config for an existing
-run directory is refused.
+run directory is refused. An experiment directory holds one run directory per configuration, tables/ (phase-change
+times per configuration with 95% t intervals over seeds), comparison.json, figures/ and compare.html.
 """
 
 
@@ -70,11 +81,38 @@ def effective_config(args: argparse.Namespace) -> LabConfig:
     return config
 
 
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Train (resumably) and compare the experiment ``args.experiment``; print the comparison and the times."""
+    if args.config is not None:
+        raise LabError("give either a config file or --experiment (an experiment file names its own configs)")
+    experiment = load_experiment(args.experiment, quick=args.quick, seeds=args.seeds, steps=args.steps)
+    if args.print_config:
+        for name, config in experiment.configurations.items():
+            print(f"# configuration {name}\n{dump_toml(config)}")
+        return 0
+    out = Path(args.out or (experiment.name + ("-quick" if args.quick else "")))
+    if not args.analyse_only:
+        say = None if args.no_progress else (lambda message: print(message, flush=True))
+        timings = run_experiment(experiment, out, progress=not args.no_progress, say=say)
+        for name, seconds in timings["configurations"].items():
+            print(f"trained {name} in {seconds:.1f} seconds")
+        print(f"the experiment took {timings['total']:.1f} seconds")
+    page = compare_experiment(out)
+    summary = pd.read_csv(out / "tables" / "comparison.csv")
+    print(summary[["configuration", "n_seeds", "n_reached", "mean_step", "ci_low", "ci_high"]].to_string(index=False))
+    print(f"tables: {out / 'tables'}\ncompare page: {page}")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
-    out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
     if args.threads < 1:
         raise LabError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    if args.experiment is not None:
+        return run_experiment_command(args)
+    if args.quick:
+        raise LabError("--quick scales an --experiment; for one run pick a quick preset (--preset singh-quick)")
+    out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
     if not args.analyse_only:
         config = effective_config(args)
         if args.print_config:
@@ -112,5 +150,11 @@ def register(subparsers) -> None:
                              "second thread made the quick preset twice as slow)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
-    parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training")
+    parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training (with "
+                                                                    "--experiment: compare its runs)")
+    parser.add_argument("--experiment", metavar="NAME|FILE",
+                        help="train an experiment set, one batched run per configuration, and compare them; shipped: "
+                             f"{', '.join(experiment_names())} (default --out: its name)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
     parser.set_defaults(func=run_train)
