@@ -233,6 +233,7 @@ def plot_runs_compared(curves: dict[str, xr.DataArray], out_dir: str | Path, *, 
     if threshold is not None:
         ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8)
     _log_steps(ax, steps)
+    ax.set_xlim(steps.min(), steps.max())
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     if curves:
