@@ -67,9 +67,10 @@ def summarise(per_seed: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.Data
 
 
 def _describe_clamp(clamp: dict[str, Any]) -> str:
-    parts = [f"{clamp['point']} = {clamp.get('value', 'zero')}"]
+    """A stored clamp in words: its point and value (or its named circuit), indices and strength."""
+    parts = [f"circuit {clamp['circuit']}" if clamp.get("circuit") else f"{clamp['point']} = {clamp.get('value')}"]
     parts += [f"{key} {clamp[key]}" for key in ("blocks", "heads", "positions") if clamp.get(key)]
-    if clamp.get("value") == "induction":
+    if clamp.get("value") == "induction" or clamp.get("circuit") == "B":
         parts.append(f"s = {clamp.get('strength', 1.0)}")
     return " ".join(parts)
 

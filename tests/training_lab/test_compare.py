@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from training_lab.compare import compare_experiment, summarise
+from training_lab.compare import compare_experiment, settings, summarise
 from training_lab.errors import LabError
 from training_lab.experiments import load_experiment, run_experiment
 
@@ -35,6 +35,18 @@ def test_summary_is_a_t_interval_over_the_seeds_that_reached_the_phase_change():
     assert summary.loc["b"].n_reached == 1 and summary.loc["b"].mean_step == 50
     assert np.isnan(summary.loc["b"].ci_low) and np.isnan(summary.loc["c"].mean_step)
     assert summary.loc["a"].final_loss == pytest.approx(0.325)
+
+
+def test_settings_name_what_differs_from_the_first_run_and_the_clamps():
+    free = {"task": {"n_classes": 50, "n_labels": 5}, "train": {"seeds": [0]}}
+    described = settings({
+        "free": free,
+        "K100": {"task": {"n_classes": 100, "n_labels": 5}, "train": {"seeds": [1]}},
+        "A+B": {**free, "clamp": [{"point": "attn.pattern", "value": "previous_token", "blocks": [0], "heads": []},
+                                  {"circuit": "B", "blocks": [1], "heads": [], "strength": 0.5}]},
+    })
+    assert described == {"free": "no clamps", "K100": "task.n_classes = 100",
+                          "A+B": "attn.pattern = previous_token blocks [0]; circuit B blocks [1] s = 0.5"}
 
 
 @pytest.fixture(scope="module")
