@@ -35,16 +35,19 @@ examples:
   # re-analyse a run (also one still training, or killed) without training further
   icl-geometry train --out lab-quick --analyse-only --smooth 9
 
-  # [S]'s clamp runs as one experiment: each configuration's seeds batched, phase-change times compared
+A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
+it in a browser). Running the same command again continues an interrupted run; a different config for an existing
+run directory is refused.
+
+experiment sets ([S]'s clamp runs, data sweeps; each configuration's seeds trained at once, phase changes compared):
   icl-geometry train --experiment singh-clamps --quick --out singh-clamps-quick   # minutes
   icl-geometry train --experiment singh-data --out singh-data   # [S]'s scale; re-run to resume
   icl-geometry train --experiment singh-clamps --quick --print-config   # see every configuration
   icl-geometry train --experiment my-set.toml --out my-set       # your own set (see training_lab/experiments.py)
+  icl-geometry train --experiment singh-data --out singh-data --analyse-only   # compare again, no training
 
-A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
-it in a browser). Running the same command again continues an interrupted run; a different config for an existing
-run directory is refused. An experiment directory holds one run directory per configuration, tables/ (phase-change
-times per configuration with 95% t intervals over seeds), comparison.json, figures/ and compare.html.
+An experiment directory holds one run directory per configuration, tables/ (phase-change times per configuration
+with 95% t intervals over seeds), comparison.json, figures/ and compare.html.
 """
 
 
@@ -140,6 +143,12 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                         help="starting config (default: paper, [M]'s setting, 1e6 steps)")
     parser.add_argument("--out", help="run directory (default: lab-PRESET, or the config file's name)")
+    parser.add_argument("--experiment", metavar="NAME|FILE",
+                        help="train an experiment set, one batched run per configuration, and compare them (with "
+                             f"--analyse-only: compare only); shipped: {', '.join(experiment_names())} (default "
+                             "--out: its name)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds trained at once (batched)")
     parser.add_argument("--steps", type=int, help="SGD steps to train (part of the config, like every setting: "
                                                   "a run directory holds one config)")
@@ -150,11 +159,5 @@ def register(subparsers) -> None:
                              "second thread made the quick preset twice as slow)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
-    parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training (with "
-                                                                    "--experiment: compare its runs)")
-    parser.add_argument("--experiment", metavar="NAME|FILE",
-                        help="train an experiment set, one batched run per configuration, and compare them; shipped: "
-                             f"{', '.join(experiment_names())} (default --out: its name)")
-    parser.add_argument("--quick", action="store_true",
-                        help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
+    parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training")
     parser.set_defaults(func=run_train)
