@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 from icl_geometry.config import dump_toml
-from training_lab.compare import compare_experiment
 from training_lab.report import analyse, phase_sentences
 from training_lab.config import PRESETS, LabConfig, overlay, preset
 from training_lab.errors import LabError
+from training_lab.compare import compare_experiment
 from training_lab.experiments import experiment_names, load_experiment, run_experiment
 from training_lab.train import train
 
@@ -84,29 +84,6 @@ def effective_config(args: argparse.Namespace) -> LabConfig:
     return config
 
 
-def run_experiment_command(args: argparse.Namespace) -> int:
-    """Train (resumably) and compare the experiment ``args.experiment``; print the comparison and the times."""
-    if args.config is not None:
-        raise LabError("give either a config file or --experiment (an experiment file names its own configs)")
-    experiment = load_experiment(args.experiment, quick=args.quick, seeds=args.seeds, steps=args.steps)
-    if args.print_config:
-        for name, config in experiment.configurations.items():
-            print(f"# configuration {name}\n{dump_toml(config)}")
-        return 0
-    out = Path(args.out or (experiment.name + ("-quick" if args.quick else "")))
-    if not args.analyse_only:
-        say = None if args.no_progress else (lambda message: print(message, flush=True))
-        timings = run_experiment(experiment, out, progress=not args.no_progress, say=say)
-        for name, seconds in timings["configurations"].items():
-            print(f"trained {name} in {seconds:.1f} seconds")
-        print(f"the experiment took {timings['total']:.1f} seconds")
-    page = compare_experiment(out)
-    summary = pd.read_csv(out / "tables" / "comparison.csv")
-    print(summary[["configuration", "n_seeds", "n_reached", "mean_step", "ci_low", "ci_high"]].to_string(index=False))
-    print(f"tables: {out / 'tables'}\ncompare page: {page}")
-    return 0
-
-
 def run_train(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise LabError(f"--threads must be at least 1, got {args.threads}")
@@ -126,6 +103,29 @@ def run_train(args: argparse.Namespace) -> int:
     result = analyse(out, smooth=args.smooth, progress=say)
     print("\n".join(phase_sentences(out)))
     print(f"tables: {out / 'tables'}\nreport: {result.report}")
+    return 0
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Train (resumably) and compare the experiment ``args.experiment``; print the comparison and the times."""
+    if args.config is not None:
+        raise LabError("give either a config file or --experiment (an experiment file names its own configs)")
+    experiment = load_experiment(args.experiment, quick=args.quick, seeds=args.seeds, steps=args.steps)
+    if args.print_config:
+        for name, config in experiment.configurations.items():
+            print(f"# configuration {name}\n{dump_toml(config)}")
+        return 0
+    out = Path(args.out or (experiment.name + ("-quick" if args.quick else "")))
+    if not args.analyse_only:
+        say = None if args.no_progress else (lambda message: print(message, flush=True))
+        timings = run_experiment(experiment, out, progress=not args.no_progress, say=say)
+        for name, seconds in timings["configurations"].items():
+            print(f"trained {name} in {seconds:.1f} seconds")
+        print(f"the experiment took {timings['total']:.1f} seconds")
+    page = compare_experiment(out)
+    table = pd.read_csv(out / "tables" / "comparison.csv")
+    print(table[["configuration", "n_seeds", "n_reached", "mean_step", "ci_low", "ci_high"]].to_string(index=False))
+    print(f"tables: {out / 'tables'}\ncompare page: {page}")
     return 0
 
 
