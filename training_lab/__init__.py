@@ -18,7 +18,9 @@ applied in every training step and evaluation), :mod:`~training_lab.train` (the 
 phase-change time), :mod:`~training_lab.phases` (phases and their circuits),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
 (:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
-:mod:`~training_lab.cli` (``icl-geometry train``).
+:mod:`~training_lab.cli` (``icl-geometry train``); experiment sets: :mod:`~training_lab.experiments` (TOML files of
+configurations, e.g. [S]'s clamp runs and data sweeps, each trained batched in its own run directory) and
+:mod:`~training_lab.compare` (phase-change times with intervals over seeds, curves side by side, ``compare.html``).
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
 :class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and

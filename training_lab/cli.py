@@ -1,5 +1,6 @@
 """``icl-geometry train``: train a lab run from a preset and an optional TOML file (resumable), then analyse it
-(:func:`training_lab.report.analyse`: tables, figures, ``report.html``)."""
+(:func:`training_lab.report.analyse`: tables, figures, ``report.html``); or, with ``--experiment``, train an
+experiment set (:mod:`training_lab.experiments`) and compare its runs (:mod:`training_lab.compare`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from icl_geometry.config import dump_toml
 from training_lab.report import analyse, phase_sentences
-from training_lab.config import PRESETS, LabConfig, preset
+from training_lab.config import PRESETS, LabConfig, overlay, preset
 from training_lab.errors import LabError
+from training_lab.compare import compare_experiment
+from training_lab.experiments import experiment_names, load_experiment, run_experiment
 from training_lab.train import train
 
 EXAMPLES = """
@@ -34,6 +38,16 @@ examples:
 A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
 it in a browser). Running the same command again continues an interrupted run; a different config for an existing
 run directory is refused.
+
+experiment sets ([S]'s clamp runs, data sweeps; each configuration's seeds trained at once, phase changes compared):
+  icl-geometry train --experiment singh-clamps --quick --out singh-clamps-quick   # minutes
+  icl-geometry train --experiment singh-data --out singh-data   # [S]'s scale; re-run to resume
+  icl-geometry train --experiment singh-clamps --quick --print-config   # see every configuration
+  icl-geometry train --experiment my-set.toml --out my-set       # your own set (see training_lab/experiments.py)
+  icl-geometry train --experiment singh-data --out singh-data --analyse-only   # compare again, no training
+
+An experiment directory holds one run directory per configuration, tables/ (phase-change times per configuration
+with 95% t intervals over seeds), comparison.json, figures/ and compare.html.
 """
 
 
@@ -49,11 +63,7 @@ def load_lab_config(path: str | Path | None, base: LabConfig) -> LabConfig:
         raise LabError(f"cannot read the config file {path}: {error.strerror}") from error
     except tomllib.TOMLDecodeError as error:
         raise LabError(f"{path} is not valid TOML: {error}") from error
-    merged = base.to_dict()
-    for section, values in raw.items():
-        if section in merged and not isinstance(values, dict):
-            raise LabError(f"{path}: [{section}] must be a table of keys, got {values!r}")
-        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    merged = overlay(base.to_dict(), raw, str(path))
     try:
         return LabConfig.from_dict(merged)
     except (TypeError, ValueError) as error:
@@ -75,10 +85,14 @@ def effective_config(args: argparse.Namespace) -> LabConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
     if args.threads < 1:
         raise LabError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    if args.experiment is not None:
+        return run_experiment_command(args)
+    if args.quick:
+        raise LabError("--quick scales an --experiment; for one run pick a quick preset (--preset singh-quick)")
+    out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
     if not args.analyse_only:
         config = effective_config(args)
         if args.print_config:
@@ -89,6 +103,29 @@ def run_train(args: argparse.Namespace) -> int:
     result = analyse(out, smooth=args.smooth, progress=say)
     print("\n".join(phase_sentences(out)))
     print(f"tables: {out / 'tables'}\nreport: {result.report}")
+    return 0
+
+
+def run_experiment_command(args: argparse.Namespace) -> int:
+    """Train (resumably) and compare the experiment ``args.experiment``; print the comparison and the times."""
+    if args.config is not None:
+        raise LabError("give either a config file or --experiment (an experiment file names its own configs)")
+    experiment = load_experiment(args.experiment, quick=args.quick, seeds=args.seeds, steps=args.steps)
+    if args.print_config:
+        for name, config in experiment.configurations.items():
+            print(f"# configuration {name}\n{dump_toml(config)}")
+        return 0
+    out = Path(args.out or (experiment.name + ("-quick" if args.quick else "")))
+    if not args.analyse_only:
+        say = None if args.no_progress else (lambda message: print(message, flush=True))
+        timings = run_experiment(experiment, out, progress=not args.no_progress, say=say)
+        for name, seconds in timings["configurations"].items():
+            print(f"trained {name} in {seconds:.1f} seconds")
+        print(f"the experiment took {timings['total']:.1f} seconds")
+    page = compare_experiment(out)
+    table = pd.read_csv(out / "tables" / "comparison.csv")
+    print(table[["configuration", "n_seeds", "n_reached", "mean_step", "ci_low", "ci_high"]].to_string(index=False))
+    print(f"tables: {out / 'tables'}\ncompare page: {page}")
     return 0
 
 
@@ -106,6 +143,12 @@ def register(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="paper",
                         help="starting config (default: paper, [M]'s setting, 1e6 steps)")
     parser.add_argument("--out", help="run directory (default: lab-PRESET, or the config file's name)")
+    parser.add_argument("--experiment", metavar="NAME|FILE",
+                        help="train an experiment set, one batched run per configuration, and compare them (with "
+                             f"--analyse-only: compare only); shipped: {', '.join(experiment_names())} (default "
+                             "--out: its name)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds trained at once (batched)")
     parser.add_argument("--steps", type=int, help="SGD steps to train (part of the config, like every setting: "
                                                   "a run directory holds one config)")

@@ -245,3 +245,14 @@ def log_steps(last: int, per_decade: int) -> list[int]:
     count = max(1, int(math.ceil(math.log10(max(last, 1)) * per_decade)))
     steps = {0, last} | {int(round(10 ** (i / per_decade))) for i in range(count + 1)}
     return sorted(step for step in steps if step <= last)
+
+
+def overlay(data: dict[str, Any], changes: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` (a ``LabConfig.to_dict()``) with the sections of ``changes`` (a TOML file's tables) merged key by key;
+    a list section (``clamp``) is replaced whole. ``source`` names the changes in the error for a malformed section."""
+    merged = {name: dict(values) if isinstance(values, dict) else values for name, values in data.items()}
+    for section, values in changes.items():
+        if section in merged and isinstance(merged[section], dict) and not isinstance(values, dict):
+            raise LabError(f"{source}: [{section}] must be a table of keys, got {values!r}")
+        merged[section] = {**merged.get(section, {}), **values} if isinstance(values, dict) else values
+    return merged

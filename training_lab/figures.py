@@ -211,3 +211,31 @@ def plot_measures_over_training(result: xr.Dataset, out_dir: str | Path, *, phas
     band = "95% bootstrap CI" if len(seeds) == 1 else f"range over {len(seeds)} seeds (lines: mean)"
     fig.suptitle(f"Query-state geometry over training (bands: {band}; grey: transitions)")
     return save(fig, out_dir, name, formats)
+
+
+def plot_runs_compared(curves: dict[str, xr.DataArray], out_dir: str | Path, *, name: str, title: str,
+                       ylabel: str, threshold: float | None = None, marks: dict[str, float] | None = None,
+                       formats: Sequence[str] = FORMATS) -> list[Path]:
+    """One curve (step, seed) per run (configuration) on one axis: the seed mean as a line in the run's colour,
+    each seed thin and faint; ``threshold`` a dashed horizontal line, ``marks`` (run -> step) dotted vertical lines
+    in the runs' colours (e.g. each run's mean phase-change step)."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.subplots()
+    steps = np.unique(np.concatenate([c["step"].values for c in curves.values()])) if curves else np.array([0])
+    for i, (run, values) in enumerate(curves.items()):
+        values = as_curves(values)
+        for seed in values["seed"].values:
+            ax.plot(values["step"].values, values.sel(seed=seed).values, color=_colour(i), linewidth=0.6, alpha=0.3)
+        ax.plot(values["step"].values, values.mean("seed").values, color=_colour(i), linewidth=1.6, label=run)
+        step = (marks or {}).get(run, np.nan)
+        if np.isfinite(step):
+            ax.axvline(step, color=_colour(i), linestyle=":", linewidth=1.2)
+    if threshold is not None:
+        ax.axhline(threshold, color="black", linestyle="--", linewidth=0.8)
+    _log_steps(ax, steps)
+    ax.set_xlim(steps.min(), steps.max())
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=8)
+    return save(fig, out_dir, name, formats)
