@@ -51,13 +51,20 @@ variable              dims                                             meaning
 ====================  ===============================================  ===========================================
 ``pattern``           step, seed, block, head, example, query, key     attention patterns
 ``hidden``            step, seed, layer, example, dim                  the query position's residual state
-``readout_hidden``    step, seed, example, unit                        the read-out MLP's hidden layer
+``readout_hidden``    step, seed, example, unit                        MLP read-out only: its hidden layer
                                                                        relu(W_1 h + b_1) of the query (hook point
                                                                        ``readout.hidden``)
+``readout_input``     step, seed, example, dim                         linear read-out only (in place of
+                                                                       ``readout_hidden``): the normalised query
+                                                                       state the unembedding reads (hook point
+                                                                       ``readout.input``)
 ``readout_rows``      step, seed, class, unit                          rows of the read-out's last linear layer
                                                                        (in the read-out MLP's hidden ``unit``
                                                                        space, not the residual ``dim`` space:
-                                                                       the read-out is an MLP, not an unembedding)
+                                                                       the read-out is an MLP, not an
+                                                                       unembedding); with a linear read-out the
+                                                                       label unembeddings, dims (step, seed,
+                                                                       class, dim)
 ``label``             seed, example                                    the query's label (class coordinate)
 ``query_class``       seed, example                                    the query item's class
 ``task``              seed, example                                    the context's task

@@ -69,6 +69,10 @@ class TaskConfig:
         return self.item_dims + self.position_dims
 
 
+#: The read-outs a lab model can have, by their config name.
+READOUTS = ("mlp", "linear")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The attention-only transformer of :mod:`training_lab.model`.
@@ -78,7 +82,9 @@ class ModelConfig:
     ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not). ``pre_norm`` applies a LayerNorm
     (learned gain and bias) to each block's input and to the read-out's input ([S]'s pre-LayerNorm; [M] has none).
     ``positions = "rotary"`` rotates queries and keys by their positions ([S]'s rotary embeddings, base 10000;
-    needs an even head width); ``"none"`` leaves position to the tokens' one-hot code ([M]).
+    needs an even head width); ``"none"`` leaves position to the tokens' one-hot code ([M]). ``readout = "mlp"``
+    is [M]'s two-layer ReLU read-out (hidden width ``readout_width``); ``"linear"`` is one matrix from the width to
+    the labels, without bias ([S]'s unembedding; ``readout_width`` is then unused).
     """
 
     width: int = 128
@@ -90,6 +96,7 @@ class ModelConfig:
     embed: str = "identity"
     pre_norm: bool = False
     positions: str = "none"
+    readout: str = "mlp"
 
     def __post_init__(self) -> None:
         _positive("model", width=self.width, n_blocks=self.n_blocks, n_heads=self.n_heads,
@@ -98,6 +105,8 @@ class ModelConfig:
             raise LabError(f"model.width ({self.width}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.embed not in ("identity", "linear"):
             raise LabError(f"model.embed must be 'identity' or 'linear', got {self.embed!r}")
+        if self.readout not in READOUTS:
+            raise LabError(f"model.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if self.positions not in ("none", "rotary"):
             raise LabError(f"model.positions must be 'none' or 'rotary', got {self.positions!r}")
         if self.positions == "rotary" and (self.width // self.n_heads) % 2:
@@ -223,8 +232,8 @@ PRESETS: dict[str, LabConfig] = {
 _SINGH = LabConfig(
     task=TaskConfig(n_tasks=1, n_classes=50, n_labels=5, n_pairs=2, item_dims=59, position_dims=5,
                     query_in_context=True, relabel=True),
-    model=ModelConfig(width=64, n_blocks=2, n_heads=8, readout_width=64, scale_scores=True, pre_norm=True,
-                      positions="rotary"),
+    model=ModelConfig(width=64, n_blocks=2, n_heads=8, scale_scores=True, pre_norm=True, positions="rotary",
+                      readout="linear"),
     train=TrainConfig(steps=31_000, batch_size=32, lr=1e-5, optimizer="adam", eval_every=500, evals_per_decade=5,
                       eval_examples=512, snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=5_000),
 )

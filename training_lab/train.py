@@ -27,7 +27,8 @@ from training_lab.model import LabTransformer, run_generators
 from training_lab.tasks import Batch, make_world, sample, stack
 
 STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
-READOUT_HIDDEN = "readout.hidden"
+#: Per read-out kind: the snapshots' variable of the values the read-out's rows act on, and its width dim.
+READOUT_VARIABLES = {"mlp": ("readout_hidden", "unit"), "linear": ("readout_input", "dim")}
 #: Optimizer classes by ``train.optimizer`` name (Adam with torch's default betas and eps).
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -149,9 +150,10 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int, index: int, snapshot: int | None, train_loss: np.ndarray):
         """Held-out loss, accuracy and mean attention patterns; at snapshot steps also the fixed examples' patterns,
-        query states, the read-out's hidden layer and the read-out rows."""
+        query states, the values the read-out's rows act on (:attr:`LabTransformer.readout_site`) and the rows."""
         states = self.model.state_names() if snapshot is not None else []
-        readout = [READOUT_HIDDEN] if snapshot is not None else []
+        site = self.model.readout_site
+        readout = [site] if snapshot is not None else []
         with clamps.applied(self.model, self.config.clamps, self.eval_set, self.config.task), \
                 self.model.hooks.cache(self._patterns + states + readout) as cache:
             logits = self.model(self.eval_set.tokens)
@@ -168,14 +170,16 @@ class Trainer:
             store.write_step(self.store, "snapshots", snapshot, {
                 "pattern": patterns[:, :, :n].transpose(2, 3).numpy(),
                 "hidden": hidden.numpy(),
-                "readout_hidden": cache[READOUT_HIDDEN][:, :n].numpy(),
-                "readout_rows": self.model.weight("readout.W_2").transpose(1, 2).numpy()})
+                READOUT_VARIABLES[self.config.model.readout][0]: cache[site][:, :n].numpy(),
+                "readout_rows": self.model.readout_rows().numpy()})
         return loss.numpy(), accuracy.numpy()
 
     def _empty_datasets(self) -> dict[str, xr.Dataset]:
         c, seeds = self.config, list(self.config.train.seeds)
         runs, blocks, heads, seq = len(seeds), c.model.n_blocks, c.model.n_heads, c.task.seq_len
         n = c.train.snapshot_examples
+        readout_state, unit = READOUT_VARIABLES[c.model.readout]
+        readout_width = c.model.width if c.model.readout == "linear" else c.model.readout_width
         evals, snaps = self.schedule.evals, self.schedule.snapshots
 
         def nan(*shape: int) -> np.ndarray:
@@ -198,10 +202,9 @@ class Trainer:
                          nan(len(snaps), runs, blocks, heads, n, seq, seq)),
              "hidden": (("step", "seed", "layer", "example", "dim"),
                         nan(len(snaps), runs, blocks + 1, n, c.model.width)),
-             "readout_hidden": (("step", "seed", "example", "unit"),
-                                nan(len(snaps), runs, n, c.model.readout_width)),
-             "readout_rows": (("step", "seed", "class", "unit"), nan(len(snaps), runs, c.task.n_labels,
-                                                                     c.model.readout_width)),
+             readout_state: (("step", "seed", "example", unit), nan(len(snaps), runs, n, readout_width)),
+             "readout_rows": (("step", "seed", "class", unit), nan(len(snaps), runs, c.task.n_labels,
+                                                                   readout_width)),
              "done": (("step",), np.zeros(len(snaps), dtype=bool)), **eval_set},
             coords={"step": snaps, "layer": range(blocks + 1), "example": range(n), "class": range(c.task.n_labels),
                     **coords})
