@@ -61,6 +61,16 @@ def query_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(dim=1)
 
 
+def evaluation_sets(config: LabConfig, worlds: list) -> dict[str, Batch]:
+    """The run's fixed held-out batches by evaluation set (``config.task.evaluation_sets``), each of
+    ``eval_examples`` contexts per run, drawn in that order from each run's evaluation generator (so the ``train``
+    set is the same with or without the others)."""
+    generators = run_generators(config.train.seeds, 3)
+    return {split: stack([sample(config.task, world, config.train.eval_examples, g, split)
+                          for world, g in zip(worlds, generators)])
+            for split in config.task.evaluation_sets}
+
+
 class Trainer:
     """One batched run of ``config`` writing to the run directory ``out`` (see :func:`train`)."""
 
@@ -70,8 +80,8 @@ class Trainer:
         self.model = LabTransformer(config.model, task, seeds)
         self.worlds = [make_world(task, g) for g in run_generators(seeds, 1)]
         self.generators = run_generators(seeds, 2)
-        self.eval_set = stack([sample(task, world, config.train.eval_examples, g)
-                               for world, g in zip(self.worlds, run_generators(seeds, 3))])
+        self.eval_sets = evaluation_sets(config, self.worlds)
+        self.eval_set = self.eval_sets["train"]
         self.optimizer = OPTIMIZERS[config.train.optimizer](self.model.parameters(), lr=config.train.lr)
         self.schedule = schedule(config.train)
         self.store = self.out / STORE_NAME
@@ -160,10 +170,11 @@ class Trainer:
         labels = self.eval_set.label
         loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
         self._check_finite(loss, "evaluation", step)
+        heldout = self._evaluate_heldout()
         patterns = torch.stack([cache[name] for name in self._patterns], dim=1)  # (R, block, B, H, S, S)
         store.write_step(self.store, "curves", index, {
             "loss": loss.numpy(), "accuracy": accuracy.numpy(), "train_loss": train_loss.astype(np.float32),
-            "mean_pattern": patterns.mean(dim=2).numpy()})
+            "mean_pattern": patterns.mean(dim=2).numpy(), **heldout})
         if snapshot is not None:
             n = self.config.train.snapshot_examples
             hidden = torch.stack([cache[name][:, :n, -1] for name in states], dim=1)  # (R, layer, n, d)
@@ -173,6 +184,19 @@ class Trainer:
                 READOUT_VARIABLES[self.config.model.readout][0]: cache[site][:, :n].numpy(),
                 "readout_rows": self.model.readout_rows().numpy()})
         return loss.numpy(), accuracy.numpy()
+
+    def _evaluate_heldout(self) -> dict[str, np.ndarray]:
+        """``heldout_loss`` and ``heldout_accuracy`` (seed, heldout) on the extra evaluation sets (none: {})."""
+        results = []
+        for split in self.config.task.evaluation_sets[1:]:
+            batch = self.eval_sets[split]
+            with clamps.applied(self.model, self.config.clamps, batch, self.config.task):
+                logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
+            results.append((query_losses(logits, batch.label), (logits.argmax(-1) == batch.label).float().mean(1)))
+        if not results:
+            return {}
+        return {name: torch.stack([r[k] for r in results], dim=1).numpy()
+                for k, name in enumerate(("heldout_loss", "heldout_accuracy"))}
 
     def _empty_datasets(self) -> dict[str, xr.Dataset]:
         c, seeds = self.config, list(self.config.train.seeds)
@@ -194,6 +218,11 @@ class Trainer:
                               nan(len(evals), runs, blocks, heads, seq, seq)),
              "done": (("step",), np.zeros(len(evals), dtype=bool))},
             coords={"step": evals, **coords})
+        heldout = c.task.evaluation_sets[1:]
+        if heldout:
+            for name in ("heldout_loss", "heldout_accuracy"):
+                curves[name] = (("step", "seed", "heldout"), nan(len(evals), runs, len(heldout)))
+            curves = curves.assign_coords(heldout=list(heldout))
         eval_set = {name: (("seed", "example"), getattr(self.eval_set, name)[:, :n].numpy())
                     for name in ("label", "query_class", "task", "query_in_context")}
         eval_set["context_class"] = (("seed", "example", "pair"), self.eval_set.context_classes[:, :n].numpy())
