@@ -158,7 +158,9 @@ class TrainConfig:
     Evaluation (held-out loss and accuracy) happens at step 0, every ``eval_every`` steps, at
     ``evals_per_decade`` log-spaced steps per decade, and at the last step. Snapshots (attention patterns and
     query states of ``snapshot_examples`` fixed examples) are taken at ``snapshots_per_decade`` log-spaced steps
-    and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps).
+    and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps);
+    only the latest is kept unless ``keep_checkpoints`` (for analyses at any checkpoint, such as
+    :func:`training_lab.ablation.ablate_heads`).
     ``snapshot_examples`` defaults to 512: separability's probe holds out half of them, and with L = 32 labels
     fewer leave too few queries per label (the geometry helper's advice: at least 512).
     """
@@ -174,6 +176,7 @@ class TrainConfig:
     snapshot_examples: int = 512
     checkpoint_every: int = 10_000
     optimizer: str = "sgd"
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
@@ -267,7 +270,8 @@ _SINGH = LabConfig(
     model=ModelConfig(width=64, n_blocks=2, n_heads=8, scale_scores=True, pre_norm=True, positions="rotary",
                       readout="linear"),
     train=TrainConfig(steps=31_000, batch_size=32, lr=1e-5, optimizer="adam", eval_every=500, evals_per_decade=5,
-                      eval_examples=512, snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=5_000),
+                      eval_examples=512, snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=5_000,
+                      keep_checkpoints=True),
 )
 PRESETS["singh"] = _SINGH
 PRESETS["singh-quick"] = replace(_SINGH, train=replace(_SINGH.train, steps=3_000, lr=1e-3, eval_every=100,

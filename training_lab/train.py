@@ -111,7 +111,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{accuracy.mean():.3f}")
                     if step in self.schedule.checkpoints:
                         checkpoints.save(self.checkpoint_dir, step, self.model.named_weights(),
-                                         [g.get_state() for g in self.generators], self.optimizer, config)
+                                         [g.get_state() for g in self.generators], self.optimizer, config,
+                                         keep_old=self.config.train.keep_checkpoints)
                 if step == steps:
                     break
                 running += self._step(step)
@@ -149,9 +150,7 @@ class Trainer:
         if latest is None:
             return 0
         saved = checkpoints.load(latest)
-        with torch.no_grad():
-            for name, weight in self.model.named_weights().items():
-                weight.copy_(saved.weights[name])
+        checkpoints.restore_weights(self.model.named_weights(), saved)
         for generator, state in zip(self.generators, saved.rng_states):
             generator.set_state(state)
         checkpoints.restore_optimizer(self.optimizer, saved.optimizer)
