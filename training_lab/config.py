@@ -263,7 +263,7 @@ PRESETS: dict[str, LabConfig] = {
 #: features, not available here), evaluated also on 5 held-out exemplars per training class (exemplar spread 0.5)
 #: and on 50 held-out classes; 2 blocks of 8 heads at width 64 (59 item dimensions + 5 positions), pre-LayerNorm,
 #: rotary positions, a linear read-out ([S]'s unembedding), Adam at lr 1e-5, batch 32, 31,000 steps.
-#: ``singh-quick``: the same at lr 1e-3 for 3,000 steps (see the README for its measured phase change).
+#: ``singh-quick``: the same at lr 1e-3 for 1,500 steps (see the README for its measured phase change).
 _SINGH = LabConfig(
     task=TaskConfig(n_tasks=1, n_classes=50, n_labels=5, n_pairs=2, item_dims=59, position_dims=5,
                     query_in_context=True, relabel=True, n_exemplars=1, heldout_exemplars=5, heldout_classes=50),
@@ -274,7 +274,7 @@ _SINGH = LabConfig(
                       keep_checkpoints=True),
 )
 PRESETS["singh"] = _SINGH
-PRESETS["singh-quick"] = replace(_SINGH, train=replace(_SINGH.train, steps=3_000, lr=1e-3, eval_every=100,
+PRESETS["singh-quick"] = replace(_SINGH, train=replace(_SINGH.train, steps=1_500, lr=1e-3, eval_every=100,
                                                         checkpoint_every=500))
 
 
