@@ -221,7 +221,7 @@ class Trainer:
         if heldout:
             for name in ("heldout_loss", "heldout_accuracy"):
                 curves[name] = (("step", "seed", "heldout"), nan(len(evals), runs, len(heldout)))
-            curves = curves.assign_coords(heldout=list(heldout))
+            curves = curves.assign_coords(heldout=np.array(heldout, dtype=object))  # variable-length strings
         eval_set = {name: (("seed", "example"), getattr(self.eval_set, name)[:, :n].numpy())
                     for name in ("label", "query_class", "task", "query_in_context")}
         eval_set["context_class"] = (("seed", "example", "pair"), self.eval_set.context_classes[:, :n].numpy())
