@@ -135,6 +135,13 @@ def _with_deltas(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[COLUMNS]
 
 
+def _set_name(ablated: str) -> str:
+    """``block b's n heads`` for a set of heads of one block of more than three, the ``+``-joined names otherwise."""
+    heads = ablated.split("+")
+    blocks = {name.split(".")[0] for name in heads}
+    return f"block {blocks.pop()}'s {len(heads)} heads" if len(heads) > 3 and len(blocks) == 1 else ablated
+
+
 def summary(frame: pd.DataFrame, evaluation: str = "train", top: int = 3) -> list[str]:
     """One line per seed: the heads whose single ablation raises the loss most, and each joint set's change
     against the sum of its heads' single changes."""
@@ -142,10 +149,9 @@ def summary(frame: pd.DataFrame, evaluation: str = "train", top: int = 3) -> lis
     for (step, seed), rows in frame[frame["evaluation"] == evaluation].groupby(["step", "seed"]):
         intact = rows[rows["kind"] == "none"].iloc[0]
         singles = rows[rows["kind"] == "single"].nlargest(top, "delta_loss")
-        worst = ", ".join(f"{r.ablated} (+{r.delta_loss:.3f})" for r in singles.itertuples())
-        joint = "; ".join(f"{r.ablated if r.n_heads <= 3 else f'{r.n_heads} heads'} jointly +{r.delta_loss:.3f} "
-                          f"vs singles' sum +{r.sum_single_delta:.3f}"
-                          for r in rows[rows["kind"] == "joint"].itertuples())
+        worst = ", ".join(f"{r.ablated} ({r.delta_loss:+.3f})" for r in singles.itertuples())
+        joint = "; ".join(f"{_set_name(r.ablated)} jointly {r.delta_loss:+.3f} vs singles' sum "
+                          f"{r.sum_single_delta:+.3f}" for r in rows[rows["kind"] == "joint"].itertuples())
         lines.append(f"step {step}, seed {seed}, {evaluation} set: loss {intact.loss:.3f}, accuracy "
                      f"{intact.accuracy:.3f}; largest single-head effects: {worst}" + (f"; {joint}" if joint else ""))
     return lines
