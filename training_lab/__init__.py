@@ -16,13 +16,14 @@ applied in every training step and evaluation), :mod:`~training_lab.train` (the 
 :mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
 :mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.induction` ([S]'s induction strength and
 phase-change time), :mod:`~training_lab.phases` (phases and their circuits),
+:mod:`~training_lab.ablation` (per-head ablation at any checkpoint),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
 (:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
 :mod:`~training_lab.cli` (``icl-geometry train``).
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
 :class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and
-``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint: weights with a leading run
+``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint, or all with ``train.keep_checkpoints``: weights with a leading run
 dimension, the training data generators' states). ``step`` counts optimizer updates done (step 0 = initial
 weights). ``seed`` indexes the batched runs (coordinate:
 the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
@@ -41,6 +42,9 @@ variable          dims                                        meaning
                                                               (NaN at step 0)
 ``mean_pattern``  step, seed, block, head, query, key         attention pattern averaged over the held-out set
                                                               (the circuit metrics are linear in it)
+``heldout_*``     step, seed, heldout                         ``heldout_loss`` and ``heldout_accuracy`` on each
+                                                              extra evaluation set (``heldout``: held-out
+                                                              exemplars or classes, where the task has them)
 ``done``          step                                        written completely (written last)
 ================  ==========================================  ===================================================
 
