@@ -23,9 +23,9 @@ phase-change time), :mod:`~training_lab.phases` (phases and their circuits),
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
 :class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and
-``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint, or all with ``train.keep_checkpoints``: weights with a leading run
-dimension, the training data generators' states). ``step`` counts optimizer updates done (step 0 = initial
-weights). ``seed`` indexes the batched runs (coordinate:
+``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint, or every one with
+``train.keep_checkpoints``: weights with a leading run dimension, the training data generators' states).
+``step`` counts optimizer updates done (step 0 = initial weights). ``seed`` indexes the batched runs (coordinate:
 the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
 ``block`` is an attention block 0..n_blocks-1; ``layer`` is a residual-state index (0 = the embedding input,
 l = output of block l-1), as everywhere in the toolkit. Positions ``query`` / ``key`` are token indices 0..2N

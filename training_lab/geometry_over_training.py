@@ -144,10 +144,10 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     ``steps`` naming its steps); ``labels``: the query's label, (example,) or (seed, example). With
     ``readout_rows``, the rows of the read-out's last linear layer (step, seed, class, unit) as the run store
     keeps them (or (seed, class, unit): the same at every step), and ``readout_hidden_states`` (step, seed,
-    example, unit), the read-out's hidden layer (the run store's ``readout_hidden``), one more layer holds the read-out's
-    hidden layer and the alignment measures are computed there (see the module doc). With ``readout="linear"``
-    the rows are the label unembeddings (step, seed, class, dim), alignment is measured at every layer, and
-    ``readout_hidden_states`` is the read-out's normalised input (step, seed, example, dim). ``min_per_label``:
+    example, unit), the read-out's hidden layer (the run store's ``readout_hidden``), one more layer holds the
+    read-out's hidden layer and the alignment measures are computed there (see the module doc). With
+    ``readout="linear"`` the rows are the label unembeddings (step, seed, class, dim), alignment is measured at
+    every layer, and ``readout_hidden_states`` is the read-out's normalised input (step, seed, example, dim). ``min_per_label``:
     see the module doc on rare labels. ``n_boot``,
     ``n_boot_separability``, ``seed``, ``test_size`` and ``cv`` are the sweep's (:func:`geometry.sweep.measure`).
     """

@@ -8,18 +8,19 @@ gain and bias feeds each block's attention and the read-out, so ``readout.input`
 the residual stream itself stays un-normalised); with ``positions = "rotary"`` queries and keys are rotated by
 their positions (:func:`rotate`) before their hook points. The read-out, on the query (last) position's final
 residual state, is a two-layer ReLU MLP into the labels (``readout = "mlp"``, [M]) or one matrix W_U (d, L)
-without bias (``"linear"``, [S]'s unembedding: its rows are the label directions in the residual stream). Each run's weights are drawn from its own seed in a fixed
-order, so a run's initial weights do not depend on which other runs share the batch.
+without bias (``"linear"``, [S]'s unembedding: its rows are the label directions in the residual stream). Each
+run's weights are drawn from its own seed in a fixed order, so a run's initial weights do not depend on which
+other runs share the batch.
 
 Hook points (value shapes; R runs, B batch, S positions, H heads, E head width, d width, h read-out width):
 ``embed`` (R,B,S,d); per block b: ``blocks.b.attn.q|k|v`` (R,B,S,H,E), ``blocks.b.attn.scores`` (R,B,H,S,S)
 pre-softmax with the causal mask applied (-inf above the diagonal), ``blocks.b.attn.pattern`` (R,B,H,S,S),
 ``blocks.b.attn.z`` (R,B,S,H,E) mixed values, ``blocks.b.attn.head_out`` (R,B,S,H,d) each head's contribution to
 the residual stream, ``blocks.b.resid_post`` (R,B,S,d); ``readout.input`` (R,B,d), ``readout.hidden`` (R,B,h)
-after the ReLU (MLP read-out only), ``logits`` (R,B,L). Residual *state* l (the toolkit's ``layer``) is ``embed`` for l = 0 and
-``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them. The trainer computes the last
-block at the query position only while no hook is attached to it (the loss reads nothing else), and at every
-position otherwise, so hooks always see the full shapes above.
+after the ReLU (MLP read-out only), ``logits`` (R,B,L). Residual *state* l (the toolkit's ``layer``) is
+``embed`` for l = 0 and ``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them.
+The trainer computes the last block at the query position only while no hook is attached to it (the loss reads
+nothing else), and at every position otherwise, so hooks always see the full shapes above.
 """
 
 from __future__ import annotations
