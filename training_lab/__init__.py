@@ -16,6 +16,7 @@ applied in every training step and evaluation), :mod:`~training_lab.train` (the 
 :mod:`~training_lab.store` and :mod:`~training_lab.checkpoints` (the run directory); the analysis:
 :mod:`~training_lab.circuits` ([M]'s metrics), :mod:`~training_lab.induction` ([S]'s induction strength and
 phase-change time), :mod:`~training_lab.phases` (phases and their circuits),
+:mod:`~training_lab.ablation` (per-head ablation at any checkpoint),
 :mod:`~training_lab.geometry_over_training`, :mod:`~training_lab.figures` and :mod:`~training_lab.report`
 (:func:`analyse`: all of them from a run store into tables, figures and ``report.html``);
 :mod:`~training_lab.cli` (``icl-geometry train``); experiment sets: :mod:`~training_lab.experiments` (TOML files of
@@ -24,9 +25,9 @@ configurations, e.g. [S]'s clamp runs and data sweeps, each trained batched in i
 
 Run directory ``out``: ``run.zarr`` (Zarr v3, consolidated metadata at the root; root attrs ``config`` (the
 :class:`LabConfig` as a dict, its clamps as a ``clamp`` list when any), ``provenance`` (library versions) and
-``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint: weights with a leading run
-dimension, the training data generators' states). ``step`` counts optimizer updates done (step 0 = initial
-weights). ``seed`` indexes the batched runs (coordinate:
+``format``) and ``checkpoints/step_<8 digits>.safetensors`` (the latest checkpoint, or every one with
+``train.keep_checkpoints``: weights with a leading run dimension, the training data generators' states).
+``step`` counts optimizer updates done (step 0 = initial weights). ``seed`` indexes the batched runs (coordinate:
 the seeds); each run has its own world (class means, label vectors, label maps), batches and evaluation set.
 ``block`` is an attention block 0..n_blocks-1; ``layer`` is a residual-state index (0 = the embedding input,
 l = output of block l-1), as everywhere in the toolkit. Positions ``query`` / ``key`` are token indices 0..2N
@@ -43,6 +44,9 @@ variable          dims                                        meaning
                                                               (NaN at step 0)
 ``mean_pattern``  step, seed, block, head, query, key         attention pattern averaged over the held-out set
                                                               (the circuit metrics are linear in it)
+``heldout_*``     step, seed, heldout                         ``heldout_loss`` and ``heldout_accuracy`` on each
+                                                              extra evaluation set (``heldout``: held-out
+                                                              exemplars or classes, where the task has them)
 ``done``          step                                        written completely (written last)
 ================  ==========================================  ===================================================
 
@@ -53,13 +57,20 @@ variable              dims                                             meaning
 ====================  ===============================================  ===========================================
 ``pattern``           step, seed, block, head, example, query, key     attention patterns
 ``hidden``            step, seed, layer, example, dim                  the query position's residual state
-``readout_hidden``    step, seed, example, unit                        the read-out MLP's hidden layer
+``readout_hidden``    step, seed, example, unit                        MLP read-out only: its hidden layer
                                                                        relu(W_1 h + b_1) of the query (hook point
                                                                        ``readout.hidden``)
+``readout_input``     step, seed, example, dim                         linear read-out only (in place of
+                                                                       ``readout_hidden``): the normalised query
+                                                                       state the unembedding reads (hook point
+                                                                       ``readout.input``)
 ``readout_rows``      step, seed, class, unit                          rows of the read-out's last linear layer
                                                                        (in the read-out MLP's hidden ``unit``
                                                                        space, not the residual ``dim`` space:
-                                                                       the read-out is an MLP, not an unembedding)
+                                                                       the read-out is an MLP, not an
+                                                                       unembedding); with a linear read-out the
+                                                                       label unembeddings, dims (step, seed,
+                                                                       class, dim)
 ``label``             seed, example                                    the query's label (class coordinate)
 ``query_class``       seed, example                                    the query item's class
 ``task``              seed, example                                    the context's task

@@ -49,8 +49,9 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def save(directory: Path, step: int, weights: dict[str, torch.Tensor], rng_states: list[torch.Tensor],
-         optimizer: torch.optim.Optimizer, config: dict) -> Path:
-    """Write one checkpoint and delete the older ones (the store holds the curves; only the latest is needed)."""
+         optimizer: torch.optim.Optimizer, config: dict, *, keep_old: bool = False) -> Path:
+    """Write one checkpoint and delete the older ones unless ``keep_old`` (the store holds the curves; resuming
+    needs only the latest)."""
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     tensors = {name: value.detach().contiguous() for name, value in weights.items()}
@@ -59,10 +60,22 @@ def save(directory: Path, step: int, weights: dict[str, torch.Tensor], rng_state
     temporary = path.with_suffix(".tmp")
     save_file(tensors, str(temporary), metadata={"step": str(step), "config": json.dumps(config, sort_keys=True)})
     os.replace(temporary, path)
-    for old in directory.glob("step_*.safetensors"):
+    for old in [] if keep_old else directory.glob("step_*.safetensors"):
         if old != path:
             old.unlink()
     return path
+
+
+def restore_weights(weights: dict[str, torch.Tensor], saved: Checkpoint) -> None:
+    """Copy a checkpoint's weights into a model's (``LabTransformer.named_weights()``) in place."""
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.copy_(saved.weights[name])
+
+
+def saved_steps(directory: Path) -> list[int]:
+    """The steps of the checkpoints in ``directory``, in order."""
+    return [int(path.stem.split("_")[1]) for path in sorted(directory.glob("step_*.safetensors"))]
 
 
 def latest(directory: Path) -> Path | None:

@@ -60,7 +60,7 @@ import torch
 from torch.nn import functional as F
 
 from training_lab.errors import LabError
-from training_lab.points import BLOCK_AXES, MODEL_AXES
+from training_lab.points import BLOCK_AXES, MODEL_AXES, model_points
 
 if TYPE_CHECKING:
     from training_lab.config import ModelConfig, TaskConfig
@@ -178,6 +178,9 @@ class ClampSpec:
         if self.axes is None:
             raise LabError(f"clamp on unknown hook point {self.point!r}; valid points: "
                            f"{', '.join([*BLOCK_AXES, *MODEL_AXES])} (per-block points take blocks)")
+        if self.point in MODEL_AXES and self.point != "embed" and self.point not in model_points(model.readout):
+            raise LabError(f"clamp on {self.point!r}: a {model.readout} read-out has no such point; valid "
+                           f"read-out points: {', '.join(model_points(model.readout))}")
         if self.value in ("induction", "perfect_copy") and not task.query_in_context:
             raise LabError(f"a {self.value!r} clamp needs the query's class in the context; set "
                            "task.query_in_context = true")

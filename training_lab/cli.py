@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from icl_geometry.config import dump_toml
+from training_lab.ablation import ablate_heads, summary
 from training_lab.report import analyse, phase_sentences
 from training_lab.config import PRESETS, LabConfig, overlay, preset
 from training_lab.errors import LabError
@@ -34,6 +35,9 @@ examples:
 
   # re-analyse a run (also one still training, or killed) without training further
   icl-geometry train --out lab-quick --analyse-only --smooth 9
+
+  # per-head ablation at a checkpoint (the latest without --at-step): single heads and each block's heads jointly
+  icl-geometry train --out lab-singh --ablate-heads --at-step 5000
 
 A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
 it in a browser). Running the same command again continues an interrupted run; a different config for an existing
@@ -84,6 +88,17 @@ def effective_config(args: argparse.Namespace) -> LabConfig:
     return config
 
 
+def run_ablation(out: Path, step: int | None, ablation: str) -> int:
+    """Write ``tables/head_ablation_step_<step>.csv`` for the run in ``out`` and print its summary."""
+    table = ablate_heads(out, step, ablation=ablation)
+    path = out / "tables" / f"head_ablation_step_{int(table['step'].iloc[0])}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    print("\n".join(summary(table)))
+    print(f"table: {path}")
+    return 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise LabError(f"--threads must be at least 1, got {args.threads}")
@@ -93,6 +108,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.quick:
         raise LabError("--quick scales an --experiment; for one run pick a quick preset (--preset singh-quick)")
     out = Path(args.out or (Path(args.config).stem if args.config else f"lab-{args.preset}"))
+    if args.ablate_heads:
+        return run_ablation(out, args.at_step, args.ablation)
     if not args.analyse_only:
         config = effective_config(args)
         if args.print_config:
@@ -160,4 +177,12 @@ def register(subparsers) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--print-config", action="store_true", help="print the effective config as TOML and exit")
     parser.add_argument("--analyse-only", action="store_true", help="analyse the run in --out without training")
+    parser.add_argument("--ablate-heads", action="store_true",
+                        help="ablate each head alone and each block's heads jointly at a checkpoint of the run in "
+                             "--out (no training); writes tables/head_ablation_step_STEP.csv")
+    parser.add_argument("--at-step", type=int, metavar="STEP",
+                        help="checkpoint step for --ablate-heads (default: the latest; train.keep_checkpoints "
+                             "keeps every one)")
+    parser.add_argument("--ablation", choices=("zero", "mean"), default="zero",
+                        help="what replaces an ablated head's output (default zero)")
     parser.set_defaults(func=run_train)

@@ -21,12 +21,24 @@ def _positive(owner: str, **values: int | float) -> None:
             raise LabError(f"{owner}.{name} must be positive, got {value}")
 
 
+#: The extra evaluation sets a task can have, named as the :class:`TaskConfig` keys that size them.
+HELDOUT_SETS = ("heldout_exemplars", "heldout_classes")
+
+
 @dataclass(frozen=True)
 class TaskConfig:
     """[M]'s meta-learning task (see :mod:`training_lab.tasks`); ``n_tasks=1, query_in_context=True`` is the plain
     induction copy task; ``relabel`` (with ``query_in_context``) draws the context's labels afresh for every
     sequence, distinct, from the ``n_labels`` labels, so only in-context learning solves it ([S]'s task with
-    ``n_pairs=2``)."""
+    ``n_pairs=2``).
+
+    Exemplars and held-out evaluation ([S]'s 50 training classes with one exemplar each, held-out exemplars and
+    held-out classes): ``n_exemplars`` = 0 draws every item afresh around its class mean ([M]); n >= 1 gives every
+    class n fixed exemplars, (mu_k + exemplar_spread * xi) / sqrt(1 + exemplar_spread^2) with xi ~ N(0, I/D),
+    and an item is one of them plus the within-class noise epsilon. ``heldout_exemplars`` more exemplars per
+    training class and ``heldout_classes`` more classes (with ``n_exemplars`` exemplars each; they need
+    ``relabel``, since a held-out class has no label of its own) are never trained on and form the extra
+    evaluation sets :attr:`evaluation_sets`."""
 
     n_tasks: int = 3
     n_classes: int = 64
@@ -37,12 +49,25 @@ class TaskConfig:
     epsilon: float = 0.1
     query_in_context: bool = False
     relabel: bool = False
+    n_exemplars: int = 0
+    exemplar_spread: float = 0.5
+    heldout_exemplars: int = 0
+    heldout_classes: int = 0
 
     def __post_init__(self) -> None:
         _positive("task", n_tasks=self.n_tasks, n_classes=self.n_classes, n_labels=self.n_labels,
                   n_pairs=self.n_pairs, item_dims=self.item_dims, position_dims=self.position_dims)
-        if self.epsilon < 0:
-            raise LabError(f"task.epsilon must be >= 0, got {self.epsilon}")
+        for name in ("epsilon", "n_exemplars", "exemplar_spread", "heldout_exemplars", "heldout_classes"):
+            if getattr(self, name) < 0:
+                raise LabError(f"task.{name} must be >= 0, got {getattr(self, name)}")
+        if self.heldout_exemplars and not self.n_exemplars:
+            raise LabError("task.heldout_exemplars needs task.n_exemplars >= 1 (fixed exemplars per class)")
+        if self.heldout_classes and not self.relabel:
+            raise LabError("task.heldout_classes needs task.relabel = true (a held-out class has no label of its "
+                           "own; its label comes from the context)")
+        if 0 < self.heldout_classes < self.n_pairs:
+            raise LabError(f"task.heldout_classes ({self.heldout_classes}) is below task.n_pairs ({self.n_pairs}): "
+                           "a held-out context needs distinct held-out classes")
         if self.n_pairs > self.n_classes:
             raise LabError(f"task.n_pairs ({self.n_pairs}) exceeds task.n_classes ({self.n_classes}): a context "
                            "needs distinct classes; lower n_pairs or raise n_classes")
@@ -64,9 +89,19 @@ class TaskConfig:
         return 2 * self.n_pairs + 1
 
     @property
+    def evaluation_sets(self) -> tuple[str, ...]:
+        """The held-out evaluation sets: ``train`` (new sequences of the training classes and exemplars), then
+        ``heldout_exemplars`` and ``heldout_classes`` where configured."""
+        return ("train",) + tuple(name for name in HELDOUT_SETS if getattr(self, name))
+
+    @property
     def token_dims(self) -> int:
         """Width of a token vector: content (item or label vector) then the position one-hot."""
         return self.item_dims + self.position_dims
+
+
+#: The read-outs a lab model can have, by their config name.
+READOUTS = ("mlp", "linear")
 
 
 @dataclass(frozen=True)
@@ -78,7 +113,9 @@ class ModelConfig:
     ``scale_scores`` divides attention scores by sqrt(head width) ([M] does not). ``pre_norm`` applies a LayerNorm
     (learned gain and bias) to each block's input and to the read-out's input ([S]'s pre-LayerNorm; [M] has none).
     ``positions = "rotary"`` rotates queries and keys by their positions ([S]'s rotary embeddings, base 10000;
-    needs an even head width); ``"none"`` leaves position to the tokens' one-hot code ([M]).
+    needs an even head width); ``"none"`` leaves position to the tokens' one-hot code ([M]). ``readout = "mlp"``
+    is [M]'s two-layer ReLU read-out (hidden width ``readout_width``); ``"linear"`` is one matrix from the width to
+    the labels, without bias ([S]'s unembedding; ``readout_width`` is then unused).
     """
 
     width: int = 128
@@ -90,6 +127,7 @@ class ModelConfig:
     embed: str = "identity"
     pre_norm: bool = False
     positions: str = "none"
+    readout: str = "mlp"
 
     def __post_init__(self) -> None:
         _positive("model", width=self.width, n_blocks=self.n_blocks, n_heads=self.n_heads,
@@ -98,6 +136,8 @@ class ModelConfig:
             raise LabError(f"model.width ({self.width}) must be a multiple of model.n_heads ({self.n_heads})")
         if self.embed not in ("identity", "linear"):
             raise LabError(f"model.embed must be 'identity' or 'linear', got {self.embed!r}")
+        if self.readout not in READOUTS:
+            raise LabError(f"model.readout must be one of {', '.join(READOUTS)}, got {self.readout!r}")
         if self.positions not in ("none", "rotary"):
             raise LabError(f"model.positions must be 'none' or 'rotary', got {self.positions!r}")
         if self.positions == "rotary" and (self.width // self.n_heads) % 2:
@@ -118,7 +158,9 @@ class TrainConfig:
     Evaluation (held-out loss and accuracy) happens at step 0, every ``eval_every`` steps, at
     ``evals_per_decade`` log-spaced steps per decade, and at the last step. Snapshots (attention patterns and
     query states of ``snapshot_examples`` fixed examples) are taken at ``snapshots_per_decade`` log-spaced steps
-    and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps).
+    and at the last step. Checkpoints are written every ``checkpoint_every`` steps (rounded to evaluation steps);
+    only the latest is kept unless ``keep_checkpoints`` (for analyses at any checkpoint, such as
+    :func:`training_lab.ablation.ablate_heads`).
     ``snapshot_examples`` defaults to 512: separability's probe holds out half of them, and with L = 32 labels
     fewer leave too few queries per label (the geometry helper's advice: at least 512).
     """
@@ -134,6 +176,7 @@ class TrainConfig:
     snapshot_examples: int = 512
     checkpoint_every: int = 10_000
     optimizer: str = "sgd"
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seeds", tuple(int(seed) for seed in self.seeds))
@@ -216,20 +259,22 @@ PRESETS: dict[str, LabConfig] = {
 
 
 #: [S]'s setting (Singh et al. 2024): exemplar, label, exemplar, label, query with labels re-drawn per sequence from
-#: 5, 50 Gaussian classes (item noise epsilon 0.1; [S] uses Omniglot features, not available here), 2 blocks of
-#: 8 heads at width 64 (59 item dimensions + 5 positions), pre-LayerNorm, rotary positions, Adam at lr 1e-5, batch
-#: 32, 31,000 steps. The read-out stays the lab's MLP ([S]'s is linear). ``singh-quick``: the same at lr 1e-3 for
-#: 3,000 steps (see the README for its measured phase change).
+#: 5; 50 Gaussian training classes with one exemplar each plus within-class noise epsilon 0.1 ([S] uses Omniglot
+#: features, not available here), evaluated also on 5 held-out exemplars per training class (exemplar spread 0.5)
+#: and on 50 held-out classes; 2 blocks of 8 heads at width 64 (59 item dimensions + 5 positions), pre-LayerNorm,
+#: rotary positions, a linear read-out ([S]'s unembedding), Adam at lr 1e-5, batch 32, 31,000 steps.
+#: ``singh-quick``: the same at lr 1e-3 for 1,500 steps (see the README for its measured phase change).
 _SINGH = LabConfig(
     task=TaskConfig(n_tasks=1, n_classes=50, n_labels=5, n_pairs=2, item_dims=59, position_dims=5,
-                    query_in_context=True, relabel=True),
-    model=ModelConfig(width=64, n_blocks=2, n_heads=8, readout_width=64, scale_scores=True, pre_norm=True,
-                      positions="rotary"),
+                    query_in_context=True, relabel=True, n_exemplars=1, heldout_exemplars=5, heldout_classes=50),
+    model=ModelConfig(width=64, n_blocks=2, n_heads=8, scale_scores=True, pre_norm=True, positions="rotary",
+                      readout="linear"),
     train=TrainConfig(steps=31_000, batch_size=32, lr=1e-5, optimizer="adam", eval_every=500, evals_per_decade=5,
-                      eval_examples=512, snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=5_000),
+                      eval_examples=512, snapshots_per_decade=3, snapshot_examples=512, checkpoint_every=5_000,
+                      keep_checkpoints=True),
 )
 PRESETS["singh"] = _SINGH
-PRESETS["singh-quick"] = replace(_SINGH, train=replace(_SINGH.train, steps=3_000, lr=1e-3, eval_every=100,
+PRESETS["singh-quick"] = replace(_SINGH, train=replace(_SINGH.train, steps=1_500, lr=1e-3, eval_every=100,
                                                         checkpoint_every=500))
 
 

@@ -21,6 +21,13 @@ with separability and effective dimension too. The ``site`` coordinate along ``l
 the residual layers: W2's rows do not live there, and the MLP has no single direction per label in the residual
 stream (its local direction changes with the ReLU pattern of each query).
 
+**Linear read-out** ([S]'s, ``model.readout = "linear"``): logits = W_U^T n(h), with n the read-out's LayerNorm
+(with ``pre_norm``; the identity without). W_U's columns, one per label, are the label unembeddings, directions
+in the residual stream itself, so with ``readout="linear"`` alignment is measured at every residual layer against
+them, exactly as [Y] does with a language model's unembedding rows (on the raw states, the final norm not
+applied), and the extra ``layer`` entry, site ``readout input``, is the normalised query state n(h) the
+unembedding reads (the run store's ``readout_input``), where d's projection is the logit difference exactly.
+
 **Rare labels.** Separability splits the queries of every label into a training and a held-out part (stratified),
 so a label needs at least two queries (``cv`` of them with ``cv``-fold cross-validation). A snapshot's labels are
 not balanced (on a quick run, 256 queries over 16 labels had a label with one query), so queries whose label has
@@ -54,7 +61,14 @@ ALIGNMENT_MEASURES = ("singular_alignment", "variance_alignment", "mean_alignmen
 #: The default set (singular alignment costs most; see the module doc).
 DEFAULT_MEASURES = ("separability", "effective_dimension", "variance_alignment", "mean_alignment",
                     "composite_alignment")
-READOUT_SITE = "readout hidden"
+#: Per read-out kind: the site name of the extra ``layer`` entry (the values the read-out's rows act on).
+READOUT_SITES = {"mlp": "readout hidden", "linear": "readout input"}
+ALIGNMENT_TO = {
+    "mlp": "rows of the read-out's last linear layer, on the read-out's hidden layer (site 'readout hidden'); "
+           "NaN at residual layers",
+    "linear": "the label unembeddings (rows of the linear read-out) at every residual layer and at the read-out's "
+              "normalised input (site 'readout input')",
+}
 
 
 def _as_array(values: Any, dims: Sequence[str], what: str) -> xr.DataArray:
@@ -122,7 +136,7 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
                            readout_hidden_states: Any = None, measures: Sequence[str] = DEFAULT_MEASURES,
                            steps: Any = None, n_boot: int = 100, n_boot_separability: int = 0, seed: int = 0,
                            test_size: float = 0.5, cv: int | None = None,
-                           min_per_label: int | None = None) -> xr.Dataset:
+                           min_per_label: int | None = None, readout: str = "mlp") -> xr.Dataset:
     """Every requested measure at every layer, stored step and seed: a Dataset with ``value``, ``ci_low`` and
     ``ci_high`` over (step, seed, layer, measure).
 
@@ -130,9 +144,11 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     ``steps`` naming its steps); ``labels``: the query's label, (example,) or (seed, example). With
     ``readout_rows``, the rows of the read-out's last linear layer (step, seed, class, unit) as the run store
     keeps them (or (seed, class, unit): the same at every step), and ``readout_hidden_states`` (step, seed,
-    example, unit), the read-out's hidden layer (the run store's ``readout_hidden``), one more layer holds the read-out's
-    hidden layer and the alignment measures are computed there (see the module doc). ``min_per_label``: see the
-    module doc on rare labels. ``n_boot``,
+    example, unit), the read-out's hidden layer (the run store's ``readout_hidden``), one more layer holds the
+    read-out's hidden layer and the alignment measures are computed there (see the module doc). With
+    ``readout="linear"`` the rows are the label unembeddings (step, seed, class, dim), alignment is measured at
+    every layer, and ``readout_hidden_states`` is the read-out's normalised input (step, seed, example, dim). ``min_per_label``:
+    see the module doc on rare labels. ``n_boot``,
     ``n_boot_separability``, ``seed``, ``test_size`` and ``cv`` are the sweep's (:func:`geometry.sweep.measure`).
     """
     chosen = tuple(measures)
@@ -141,11 +157,13 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
         raise MeasureError(f"unknown measure {', '.join(map(repr, unknown))}; choose from "
                            f"{', '.join(STATE_MEASURES + ALIGNMENT_MEASURES)}")
     aligned = [m for m in chosen if m in ALIGNMENT_MEASURES]
-    readout = readout_rows is not None
-    if readout != (readout_hidden_states is not None):
+    if readout not in READOUT_SITES:
+        raise MeasureError(f"readout must be one of {', '.join(READOUT_SITES)}, got {readout!r}")
+    linear, with_rows = readout == "linear", readout_rows is not None
+    if with_rows != (readout_hidden_states is not None):
         raise MeasureError("pass both readout_rows and readout_hidden_states (the read-out's hidden layer), or "
                            "neither")
-    if aligned and not readout:
+    if aligned and not with_rows:
         raise MeasureError(f"{', '.join(aligned)} need the read-out's rows and hidden layer: pass readout_rows= and "
                            "readout_hidden_states= (the run store's readout_hidden), or leave the alignment measures out")
     H = _with_index(_with_index(_as_array(states, STATE_DIMS, "states"), "step", steps), "seed")
@@ -154,17 +172,18 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
     y = _labels_per_seed(labels, n_seeds, H.sizes["example"])
     minimum = max(2, cv or 2) if min_per_label is None else int(min_per_label)
     kept = [_common_labels(row, minimum) for row in y]
-    residual_measures = [m for m in chosen if m in STATE_MEASURES]
+    residual_measures = list(chosen) if linear else [m for m in chosen if m in STATE_MEASURES]
     layers = [int(layer) for layer in H["layer"].values]
     sites = ["embedding"] + [f"after block {layer - 1}" for layer in layers[1:]]
-    if readout:
+    if with_rows:
         rows = _per_step(readout_rows, ("seed", "class", "unit"), n_steps, "readout_rows")
         inner = _as_array(readout_hidden_states, ("step", "seed", "example", "unit"), "readout_hidden_states").values
         if inner.shape[:3] != (n_steps, n_seeds, H.sizes["example"]) or rows.shape[1] != n_seeds or rows.shape[
-                3] != inner.shape[3]:
+                3] != inner.shape[3] or (linear and rows.shape[3] != H.sizes["dim"]):
             raise MeasureError(f"readout_hidden_states {inner.shape} and readout_rows {rows.shape} do not fit the "
-                               f"states {tuple(H.shape)}: same steps, seeds and examples, and one hidden width")
-        layers, sites = layers + [layers[-1] + 1], sites + [READOUT_SITE]
+                               f"states {tuple(H.shape)}: same steps, seeds and examples, and one hidden width "
+                               "(a linear read-out's: the states' width)")
+        layers, sites = layers + [layers[-1] + 1], sites + [READOUT_SITES[readout]]
     sweep = dict(n_boot=n_boot, n_boot_separability=n_boot_separability, seed=seed, test_size=test_size, cv=cv,
                  progress=False, parallel="serial")
     table = np.full((3, n_steps, n_seeds, len(layers), len(chosen)), np.nan)
@@ -174,11 +193,12 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
         for s in range(n_seeds):
             parts = []
             if residual_measures:
-                group = _group(values[t, s][:, kept[s]], y[s][kept[s]], layers[:n_layers], None)
+                unembed = rows[t, s] if linear and with_rows else None
+                group = _group(values[t, s][:, kept[s]], y[s][kept[s]], layers[:n_layers], unembed)
                 parts.append((measure(group, "residual", residual_measures, **sweep), slice(0, n_layers)))
-            if readout:
+            if with_rows:
                 group = _group(inner[t, s][None][:, kept[s]], y[s][kept[s]], [layers[-1]], rows[t, s])
-                parts.append((measure(group, READOUT_SITE, chosen, **sweep), slice(len(layers) - 1, None)))
+                parts.append((measure(group, READOUT_SITES[readout], chosen, **sweep), slice(len(layers) - 1, None)))
             for result, where in parts:
                 columns = [order[m] for m in result["measure"].values]
                 for k, var in enumerate(("value", "ci_low", "ci_high")):
@@ -194,17 +214,19 @@ def geometry_over_training(states: Any, labels: Any, *, readout_rows: Any = None
         attrs={"measures": list(chosen), "n_boot": int(n_boot), "n_boot_separability": int(n_boot_separability),
                "bootstrap_seed": int(seed), "test_size": float(test_size), "cv": "none" if cv is None else int(cv),
                "min_per_label": minimum,
-               "alignment_to": "rows of the read-out's last linear layer, on the read-out's hidden layer "
-                               "(site 'readout hidden'); NaN at residual layers"},
+               "alignment_to": ALIGNMENT_TO[readout] if with_rows else "none"},
     )
 
 
 def run_geometry(snapshots: xr.Dataset, *, measures: Sequence[str] = DEFAULT_MEASURES, **options: Any) -> xr.Dataset:
     """:func:`geometry_over_training` of a run store's ``snapshots`` group (``open_run(out, "snapshots")``), at its
-    completed steps (``done``): the query states, their labels, the read-out's hidden layer and rows as stored.
-    ``options`` are :func:`geometry_over_training`'s."""
+    completed steps (``done``): the query states, their labels, and the read-out's rows with the values they act
+    on as stored (``readout_hidden`` for an MLP read-out, ``readout_input`` for a linear one, as the run's
+    ``model.readout`` says). ``options`` are :func:`geometry_over_training`'s."""
     done = snapshots.isel(step=np.flatnonzero(snapshots["done"].values))
     if not done.sizes["step"]:
         raise MeasureError("the run has no completed snapshot yet; train it first")
+    kind = snapshots.attrs.get("config", {}).get("model", {}).get("readout", "mlp")
+    inner = done["readout_input" if kind == "linear" else "readout_hidden"]
     return geometry_over_training(done["hidden"], done["label"], readout_rows=done["readout_rows"],
-                                  readout_hidden_states=done["readout_hidden"], measures=measures, **options)
+                                  readout_hidden_states=inner, measures=measures, readout=kind, **options)

@@ -5,7 +5,8 @@
   their mean when the context has more than two pairs). Examples whose query class is not in the context are left
   out. [S] reads it on the second block's heads; :func:`induction_strength` returns every block.
 - **Phase-change time**: the first evaluation step whose held-out loss is below 0.4 ln 2 ([S]'s chance loss is
-  ln 2, two labels in the context).
+  ln 2, two labels in the context); :func:`phase_change_steps` gives it per evaluation set (the training
+  distribution and the held-out exemplars and classes, where the task has them).
 
 Both read a run store (:func:`training_lab.store.open_run`): the snapshots' ``pattern``, ``context_class`` and
 ``query_class``, and the curves' ``loss``.
@@ -43,3 +44,13 @@ def phase_change_step(curves: xr.Dataset, threshold: float = PHASE_CHANGE_LOSS) 
     below = curves["loss"] < threshold
     first = curves["step"].where(below).min("step")
     return first.rename("phase_change_step")
+
+
+def phase_change_steps(curves: xr.Dataset, threshold: float = PHASE_CHANGE_LOSS) -> xr.DataArray:
+    """The phase-change step (evaluation, seed) per evaluation set: ``train`` from ``loss``, the held-out sets
+    from ``heldout_loss`` (:attr:`training_lab.config.TaskConfig.evaluation_sets`); NaN: never."""
+    steps = [phase_change_step(curves, threshold).expand_dims(evaluation=["train"])]
+    if "heldout_loss" in curves:
+        heldout = curves[["heldout_loss"]].rename(heldout_loss="loss", heldout="evaluation")
+        steps.append(phase_change_step(heldout, threshold).transpose("evaluation", "seed"))
+    return xr.concat(steps, dim="evaluation").rename("phase_change_step")

@@ -6,19 +6,21 @@ projection W_O (without it each head's mixed values are written into its slice o
 residual connection; no MLP, and no norm unless ``pre_norm`` ([S]'s pre-LayerNorm: a LayerNorm with learned
 gain and bias feeds each block's attention and the read-out, so ``readout.input`` is the normalised query state;
 the residual stream itself stays un-normalised); with ``positions = "rotary"`` queries and keys are rotated by
-their positions (:func:`rotate`) before their hook points. The read-out is a two-layer ReLU MLP on the query (last)
-position's final residual state, into the labels. Each run's weights are drawn from its own seed in a fixed
-order, so a run's initial weights do not depend on which other runs share the batch.
+their positions (:func:`rotate`) before their hook points. The read-out, on the query (last) position's final
+residual state, is a two-layer ReLU MLP into the labels (``readout = "mlp"``, [M]) or one matrix W_U (d, L)
+without bias (``"linear"``, [S]'s unembedding: its rows are the label directions in the residual stream). Each
+run's weights are drawn from its own seed in a fixed order, so a run's initial weights do not depend on which
+other runs share the batch.
 
 Hook points (value shapes; R runs, B batch, S positions, H heads, E head width, d width, h read-out width):
 ``embed`` (R,B,S,d); per block b: ``blocks.b.attn.q|k|v`` (R,B,S,H,E), ``blocks.b.attn.scores`` (R,B,H,S,S)
 pre-softmax with the causal mask applied (-inf above the diagonal), ``blocks.b.attn.pattern`` (R,B,H,S,S),
 ``blocks.b.attn.z`` (R,B,S,H,E) mixed values, ``blocks.b.attn.head_out`` (R,B,S,H,d) each head's contribution to
 the residual stream, ``blocks.b.resid_post`` (R,B,S,d); ``readout.input`` (R,B,d), ``readout.hidden`` (R,B,h)
-after the ReLU, ``logits`` (R,B,L). Residual *state* l (the toolkit's ``layer``) is ``embed`` for l = 0 and
-``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them. The trainer computes the last
-block at the query position only while no hook is attached to it (the loss reads nothing else), and at every
-position otherwise, so hooks always see the full shapes above.
+after the ReLU (MLP read-out only), ``logits`` (R,B,L). Residual *state* l (the toolkit's ``layer``) is
+``embed`` for l = 0 and ``blocks.{l-1}.resid_post`` after; :meth:`LabTransformer.state_names` lists them.
+The trainer computes the last block at the query position only while no hook is attached to it (the loss reads
+nothing else), and at every position otherwise, so hooks always see the full shapes above.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch.nn import functional as F
 
 from training_lab.config import ModelConfig, TaskConfig
 from training_lab.hooks import HookPoint, Hooks
-from training_lab.points import BLOCK_POINTS
+from training_lab.points import BLOCK_POINTS, model_points
 
 
 def run_generators(seeds: tuple[int, ...], purpose: int) -> list[torch.Generator]:
@@ -62,8 +64,11 @@ class LabTransformer(nn.Module):
                 shapes.update({f"blocks.{block}.g_norm": (d,), f"blocks.{block}.b_norm": (d,)})
         if model.pre_norm:
             shapes.update({"readout.g_norm": (d,), "readout.b_norm": (d,)})
-        shapes.update({"readout.W_1": (d, model.readout_width), "readout.b_1": (model.readout_width,),
-                       "readout.W_2": (model.readout_width, task.n_labels), "readout.b_2": (task.n_labels,)})
+        if model.readout == "linear":
+            shapes["readout.W_U"] = (d, task.n_labels)
+        else:
+            shapes.update({"readout.W_1": (d, model.readout_width), "readout.b_1": (model.readout_width,),
+                           "readout.W_2": (model.readout_width, task.n_labels), "readout.b_2": (task.n_labels,)})
         generators = run_generators(seeds, 0)
         self.weight_names = list(shapes)
         self.weights = nn.ParameterDict({
@@ -72,7 +77,7 @@ class LabTransformer(nn.Module):
         })
         self.register_buffer("placement", torch.eye(d).reshape(heads, self.head_width, d), persistent=False)
         names = ["embed"] + [f"blocks.{b}.{p}" for b in range(model.n_blocks) for p in BLOCK_POINTS]
-        names += ["readout.input", "readout.hidden", "logits"]
+        names += list(model_points(model.readout))
         self.points = nn.ModuleDict({name.replace(".", "_"): HookPoint(name) for name in names})
         self.hooks = Hooks({point.name: point for point in self.points.values()})
 
@@ -85,6 +90,17 @@ class LabTransformer(nn.Module):
     def state_names(self) -> list[str]:
         """Hook points of the residual states, index = the toolkit's ``layer`` (0 = embeddings)."""
         return ["embed"] + [f"blocks.{b}.resid_post" for b in range(self.config.n_blocks)]
+
+    @property
+    def readout_site(self) -> str:
+        """The hook point whose value the read-out's last matrix multiplies: ``readout.hidden`` (MLP) or
+        ``readout.input`` (linear)."""
+        return "readout.input" if self.config.readout == "linear" else "readout.hidden"
+
+    def readout_rows(self) -> torch.Tensor:
+        """(R, L, width of :attr:`readout_site`) the read-out's last matrix, one row per label: W_2's rows in the
+        MLP's hidden space, or the label unembeddings W_U's rows in the residual stream."""
+        return self.weight("readout.W_U" if self.config.readout == "linear" else "readout.W_2").transpose(1, 2)
 
     def needs_all_positions(self) -> bool:
         """Whether a hook is attached to the last block (then a forward must compute it at every position)."""
@@ -136,6 +152,8 @@ class LabTransformer(nn.Module):
             head_out = self.hook(f"{p}.attn.head_out", torch.einsum(equation, z, out))
             resid = self.hook(f"{p}.resid_post", rows + head_out.sum(dim=3))
         query = self.hook("readout.input", self.norm("readout", resid[:, :, -1]))
+        if self.config.readout == "linear":
+            return self.hook("logits", torch.bmm(query, self.weight("readout.W_U")))
         hidden = torch.relu(torch.baddbmm(self.weight("readout.b_1").unsqueeze(1), query, self.weight("readout.W_1")))
         hidden = self.hook("readout.hidden", hidden)
         logits = torch.baddbmm(self.weight("readout.b_2").unsqueeze(1), hidden, self.weight("readout.W_2"))

@@ -18,3 +18,9 @@ MODEL_AXES: dict[str, tuple[int, int | None, int | None]] = {
     "logits": (3, None, None),
 }
 BLOCK_POINTS = tuple(BLOCK_AXES)
+
+
+def model_points(readout: str) -> tuple[str, ...]:
+    """The model-level points after the blocks of a model with read-out ``readout`` (a linear read-out has no
+    hidden layer)."""
+    return ("readout.input", "logits") if readout == "linear" else ("readout.input", "readout.hidden", "logits")

@@ -16,6 +16,7 @@ import xarray as xr
 import zarr
 
 from extraction.store import canonical, consolidate, library_versions, open_root, reading
+from training_lab.config import LabConfig
 from training_lab.errors import LabError
 
 GROUPS = ("curves", "snapshots")
@@ -36,10 +37,12 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) -> None:
     """Create the store with its NaN-filled groups (the config attr written last), or check that an existing one
-    holds the same config."""
+    holds the same config (a stored config lacking keys added later reads them as their defaults)."""
     if (path / "zarr.json").exists():
         with reading(path):
             stored = open_root(path).attrs.get("config")  # None: a creation killed before its last write
+        if stored is not None:
+            stored = LabConfig.from_dict(stored).to_dict()  # keys added to the configs since keep their defaults
         if stored is not None and canonical(stored) != canonical(config):
             raise LabError(f"the run at {path.parent} was started with another config (differs in "
                            f"{', '.join(_changed(stored, config))}); pass the same config to resume, or another out")

@@ -27,7 +27,8 @@ from training_lab.model import LabTransformer, run_generators
 from training_lab.tasks import Batch, make_world, sample, stack
 
 STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
-READOUT_HIDDEN = "readout.hidden"
+#: Per read-out kind: the snapshots' variable of the values the read-out's rows act on, and its width dim.
+READOUT_VARIABLES = {"mlp": ("readout_hidden", "unit"), "linear": ("readout_input", "dim")}
 #: Optimizer classes by ``train.optimizer`` name (Adam with torch's default betas and eps).
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -60,6 +61,16 @@ def query_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape).mean(dim=1)
 
 
+def evaluation_sets(config: LabConfig, worlds: list) -> dict[str, Batch]:
+    """The run's fixed held-out batches by evaluation set (``config.task.evaluation_sets``), each of
+    ``eval_examples`` contexts per run, drawn in that order from each run's evaluation generator (so the ``train``
+    set is the same with or without the others)."""
+    generators = run_generators(config.train.seeds, 3)
+    return {split: stack([sample(config.task, world, config.train.eval_examples, g, split)
+                          for world, g in zip(worlds, generators)])
+            for split in config.task.evaluation_sets}
+
+
 class Trainer:
     """One batched run of ``config`` writing to the run directory ``out`` (see :func:`train`)."""
 
@@ -69,8 +80,8 @@ class Trainer:
         self.model = LabTransformer(config.model, task, seeds)
         self.worlds = [make_world(task, g) for g in run_generators(seeds, 1)]
         self.generators = run_generators(seeds, 2)
-        self.eval_set = stack([sample(task, world, config.train.eval_examples, g)
-                               for world, g in zip(self.worlds, run_generators(seeds, 3))])
+        self.eval_sets = evaluation_sets(config, self.worlds)
+        self.eval_set = self.eval_sets["train"]
         self.optimizer = OPTIMIZERS[config.train.optimizer](self.model.parameters(), lr=config.train.lr)
         self.schedule = schedule(config.train)
         self.store = self.out / STORE_NAME
@@ -100,7 +111,8 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.mean():.3f}", acc=f"{accuracy.mean():.3f}")
                     if step in self.schedule.checkpoints:
                         checkpoints.save(self.checkpoint_dir, step, self.model.named_weights(),
-                                         [g.get_state() for g in self.generators], self.optimizer, config)
+                                         [g.get_state() for g in self.generators], self.optimizer, config,
+                                         keep_old=self.config.train.keep_checkpoints)
                 if step == steps:
                     break
                 running += self._step(step)
@@ -138,9 +150,7 @@ class Trainer:
         if latest is None:
             return 0
         saved = checkpoints.load(latest)
-        with torch.no_grad():
-            for name, weight in self.model.named_weights().items():
-                weight.copy_(saved.weights[name])
+        checkpoints.restore_weights(self.model.named_weights(), saved)
         for generator, state in zip(self.generators, saved.rng_states):
             generator.set_state(state)
         checkpoints.restore_optimizer(self.optimizer, saved.optimizer)
@@ -149,33 +159,50 @@ class Trainer:
     @torch.no_grad()
     def _evaluate(self, step: int, index: int, snapshot: int | None, train_loss: np.ndarray):
         """Held-out loss, accuracy and mean attention patterns; at snapshot steps also the fixed examples' patterns,
-        query states, the read-out's hidden layer and the read-out rows."""
+        query states, the values the read-out's rows act on (:attr:`LabTransformer.readout_site`) and the rows."""
         states = self.model.state_names() if snapshot is not None else []
-        readout = [READOUT_HIDDEN] if snapshot is not None else []
+        site = self.model.readout_site
+        readout = [site] if snapshot is not None else []
         with clamps.applied(self.model, self.config.clamps, self.eval_set, self.config.task), \
                 self.model.hooks.cache(self._patterns + states + readout) as cache:
             logits = self.model(self.eval_set.tokens)
         labels = self.eval_set.label
         loss, accuracy = query_losses(logits, labels), (logits.argmax(-1) == labels).float().mean(dim=1)
         self._check_finite(loss, "evaluation", step)
+        heldout = self._evaluate_heldout()
         patterns = torch.stack([cache[name] for name in self._patterns], dim=1)  # (R, block, B, H, S, S)
         store.write_step(self.store, "curves", index, {
             "loss": loss.numpy(), "accuracy": accuracy.numpy(), "train_loss": train_loss.astype(np.float32),
-            "mean_pattern": patterns.mean(dim=2).numpy()})
+            "mean_pattern": patterns.mean(dim=2).numpy(), **heldout})
         if snapshot is not None:
             n = self.config.train.snapshot_examples
             hidden = torch.stack([cache[name][:, :n, -1] for name in states], dim=1)  # (R, layer, n, d)
             store.write_step(self.store, "snapshots", snapshot, {
                 "pattern": patterns[:, :, :n].transpose(2, 3).numpy(),
                 "hidden": hidden.numpy(),
-                "readout_hidden": cache[READOUT_HIDDEN][:, :n].numpy(),
-                "readout_rows": self.model.weight("readout.W_2").transpose(1, 2).numpy()})
+                READOUT_VARIABLES[self.config.model.readout][0]: cache[site][:, :n].numpy(),
+                "readout_rows": self.model.readout_rows().numpy()})
         return loss.numpy(), accuracy.numpy()
+
+    def _evaluate_heldout(self) -> dict[str, np.ndarray]:
+        """``heldout_loss`` and ``heldout_accuracy`` (seed, heldout) on the extra evaluation sets (none: {})."""
+        results = []
+        for split in self.config.task.evaluation_sets[1:]:
+            batch = self.eval_sets[split]
+            with clamps.applied(self.model, self.config.clamps, batch, self.config.task):
+                logits = self.model(batch.tokens, query_only=not self.model.needs_all_positions())
+            results.append((query_losses(logits, batch.label), (logits.argmax(-1) == batch.label).float().mean(1)))
+        if not results:
+            return {}
+        return {name: torch.stack([r[k] for r in results], dim=1).numpy()
+                for k, name in enumerate(("heldout_loss", "heldout_accuracy"))}
 
     def _empty_datasets(self) -> dict[str, xr.Dataset]:
         c, seeds = self.config, list(self.config.train.seeds)
         runs, blocks, heads, seq = len(seeds), c.model.n_blocks, c.model.n_heads, c.task.seq_len
         n = c.train.snapshot_examples
+        readout_state, unit = READOUT_VARIABLES[c.model.readout]
+        readout_width = c.model.width if c.model.readout == "linear" else c.model.readout_width
         evals, snaps = self.schedule.evals, self.schedule.snapshots
 
         def nan(*shape: int) -> np.ndarray:
@@ -190,6 +217,11 @@ class Trainer:
                               nan(len(evals), runs, blocks, heads, seq, seq)),
              "done": (("step",), np.zeros(len(evals), dtype=bool))},
             coords={"step": evals, **coords})
+        heldout = c.task.evaluation_sets[1:]
+        if heldout:
+            for name in ("heldout_loss", "heldout_accuracy"):
+                curves[name] = (("step", "seed", "heldout"), nan(len(evals), runs, len(heldout)))
+            curves = curves.assign_coords(heldout=np.array(heldout, dtype=object))  # variable-length strings
         eval_set = {name: (("seed", "example"), getattr(self.eval_set, name)[:, :n].numpy())
                     for name in ("label", "query_class", "task", "query_in_context")}
         eval_set["context_class"] = (("seed", "example", "pair"), self.eval_set.context_classes[:, :n].numpy())
@@ -198,10 +230,9 @@ class Trainer:
                          nan(len(snaps), runs, blocks, heads, n, seq, seq)),
              "hidden": (("step", "seed", "layer", "example", "dim"),
                         nan(len(snaps), runs, blocks + 1, n, c.model.width)),
-             "readout_hidden": (("step", "seed", "example", "unit"),
-                                nan(len(snaps), runs, n, c.model.readout_width)),
-             "readout_rows": (("step", "seed", "class", "unit"), nan(len(snaps), runs, c.task.n_labels,
-                                                                     c.model.readout_width)),
+             readout_state: (("step", "seed", "example", unit), nan(len(snaps), runs, n, readout_width)),
+             "readout_rows": (("step", "seed", "class", unit), nan(len(snaps), runs, c.task.n_labels,
+                                                                   readout_width)),
              "done": (("step",), np.zeros(len(snaps), dtype=bool)), **eval_set},
             coords={"step": snaps, "layer": range(blocks + 1), "example": range(n), "class": range(c.task.n_labels),
                     **coords})
