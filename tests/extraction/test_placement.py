@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 
 import numpy as np
 import pytest
@@ -126,3 +127,91 @@ def test_a_4bit_model_extracts_and_records_its_quantisation(tiny_gemma_dir, tmp_
     ds = extract(loaded, tmp_path / "s.zarr", **EXTRACT)
     assert ds.attrs["provenance"]["quantization"]["load_in_4bit"] is True
     assert np.isfinite(ds["hidden"].values).all()
+
+
+# -- the command line and the study config ---------------------------------------------------------------------
+def test_extract_command_passes_the_model_options(tiny_gemma_dir, tmp_path):
+    from icl_geometry.cli import main
+    from extraction.store import open_group
+
+    store = tmp_path / "s.zarr"
+    assert main(["extract", "--model", str(tiny_gemma_dir), "--shots", "2", "--n", "4", "--out", str(store),
+                 "--device-map", "auto", "--max-memory", "cpu=1GiB", "--attn-implementation", "eager"]) == 0
+    provenance = open_group(store, "icl").attrs["provenance"]
+    assert provenance["device_map"] == "auto" and provenance["max_memory"] == {"cpu": "1GiB"}
+    assert provenance["attn_implementation"] == "eager"
+
+
+@pytest.mark.parametrize("command", [["extract", "--out", "s.zarr"], ["heads", "score", "s.zarr"],
+                                     ["flow", "scan"]])
+def test_every_model_command_reads_the_same_options(command):
+    from extraction.cli import model_kwargs
+    from icl_geometry.cli import build_parser
+
+    args = build_parser().parse_args(command + [
+        "--device-map", '{"model.layers.0": 0, "lm_head": "cpu"}', "--max-memory", "0=20GiB, cpu=60GiB",
+        "--quantization", "bnb-4bit", "--attn-implementation", "sdpa"])
+    assert model_kwargs(args) == dict(
+        dtype="float32", device=None, device_map={"model.layers.0": 0, "lm_head": "cpu"},
+        max_memory={"0": "20GiB", "cpu": "60GiB"}, quantization_config="bnb-4bit", attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-memory", "cpu", "--max-memory 'cpu' is malformed"),
+    ("--device-map", "{auto", "--device-map is not valid JSON"),
+    ("--attn-implementation", "fast", "unknown attention implementation 'fast'"),
+])
+def test_bad_model_options_exit_2_with_one_line(tiny_gemma_dir, tmp_path, capsys, option, value, message):
+    from icl_geometry.cli import main
+
+    code = main(["extract", "--model", str(tiny_gemma_dir), "--out", str(tmp_path / "s.zarr"), option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+STUDY_MODEL = '''[model]
+device_map = "auto"
+max_memory = {0 = "20GiB", cpu = "60GiB"}
+quantization = {quant_method = "bitsandbytes", load_in_4bit = true, bnb_4bit_quant_type = "nf4"}
+attn_implementation = "sdpa"
+'''
+
+
+def test_study_config_model_table_round_trips_and_becomes_load_options(tmp_path):
+    from icl_geometry.config import dump_toml, load_config
+
+    path = tmp_path / "study.toml"
+    path.write_text(STUDY_MODEL)
+    config = load_config(path)
+    assert config.model.max_memory == {"0": "20GiB", "cpu": "60GiB"}
+    again = tmp_path / "again.toml"
+    again.write_text(dump_toml(config))
+    assert load_config(again) == config
+    options = config.model.load_options()
+    assert options["device_map"] == "auto" and options["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
+    assert options["device"] is None and options["attn_implementation"] == "sdpa"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[model]\nmax_memory = "20GiB"\n', "model.max_memory must be a table of keys"),
+    ('[model]\ndevice_map = 3\n', "model.device_map must be str or a table"),
+    ('[model]\nattn_implementation = "fast"\n', "model.attn_implementation: unknown attention implementation"),
+    ('[model]\nquantization = "int3"\n', "model.quantization: unknown quantization 'int3'"),
+])
+def test_study_config_refuses_bad_model_options(tmp_path, text, message):
+    from icl_geometry.config import ConfigError, load_config
+
+    path = tmp_path / "study.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path)
+
+
+def test_study_loads_its_model_with_the_table(tiny_gemma_dir, tmp_path):
+    from icl_geometry.config import ModelSection, StudyConfig
+    from icl_geometry.study import Study
+
+    model = ModelSection(spec=str(tiny_gemma_dir), dtype="float32", device_map="auto", max_memory={"cpu": "1GiB"},
+                         attn_implementation="eager")
+    loaded = Study(StudyConfig(model=model), tmp_path / "study", progress=False).loaded
+    assert loaded.provenance["max_memory"] == {"cpu": "1GiB"} and loaded.provenance["attn_implementation"] == "eager"
