@@ -21,8 +21,8 @@ examples:
   icl-geometry extract --model ./my-llama --dtype bfloat16 --task topic --out store.zarr
 
   # a model too big for one GPU: spread over the GPUs (at most 20 GiB each), the rest in CPU memory
-  icl-geometry extract --model ./llama-70b --dtype bfloat16 --device-map auto --max-memory 0=20GiB,1=20GiB,cpu=200GiB \
-      --out store.zarr
+  icl-geometry extract --model ./llama-2-13b --dtype bfloat16 --device-map auto \
+      --max-memory 0=20GiB,1=20GiB,cpu=60GiB --out store.zarr
 
 Each run writes one group (--setting, default 'icl' or 'zero_shot') holding per example the query state at every
 layer (layer 0 = embedding output, layer l = output of block l-1, all before the final norm), the gold label, the

@@ -215,3 +215,20 @@ def test_study_loads_its_model_with_the_table(tiny_gemma_dir, tmp_path):
                          attn_implementation="eager")
     loaded = Study(StudyConfig(model=model), tmp_path / "study", progress=False).loaded
     assert loaded.provenance["max_memory"] == {"cpu": "1GiB"} and loaded.provenance["attn_implementation"] == "eager"
+
+
+def test_head_sweep_and_edge_scan_rerun_an_offloaded_model_the_same(tiny_gemma_dir, tmp_path):
+    """The fast sweeps re-run upper blocks from recorded inputs; on an offloaded model those rest on the hooks'
+    execution device while every weight rests on ``meta``."""
+    from heads.flow import edge_scan
+    from heads.sweeps import sweep
+
+    plain = load_model(str(tiny_gemma_dir), attn_implementation="eager")
+    offloaded = load_model(str(tiny_gemma_dir), attn_implementation="eager", device_map="auto",
+                           max_memory={"cpu": 1000}, offload_folder=str(tmp_path / "offload"))
+    options = dict(shots=2, n=4, progress=False)
+    heads = [(1, 2), (3, 0)]
+    assert sweep(offloaded, heads=heads, **options).equals(sweep(plain, heads=heads, **options))
+    scans = [edge_scan(model, edges=["y->final"], width=2, n_boot=10, **options) for model in (plain, offloaded)]
+    for name in ("accuracy_change", "logit_change", "label_logits", "top_token"):
+        np.testing.assert_allclose(scans[1][name].values, scans[0][name].values, atol=1e-5)
