@@ -188,7 +188,8 @@ def load_model(
     source, provenance = resolve_spec(spec)
     provenance.update(device=device, device_map=placement.json_safe(device_map),  # as asked (loading edits them)
                       max_memory=placement.json_safe(max_memory), quantization=quantisation.describe(quantization))
-    options = {"device_map": device_map, "max_memory": max_memory, "quantization_config": quantization,
+    # A whole model on one device is loaded straight onto it (a quantised model cannot be moved after loading).
+    options = {"device_map": {"": device} if device is not None else device_map, "max_memory": max_memory, "quantization_config": quantization,
                "attn_implementation": attn_implementation}
     kwargs = {**from_pretrained, **{key: value for key, value in options.items() if value is not None}}
     try:
@@ -202,8 +203,6 @@ def load_model(
         ) from error
     except ImportError as error:  # a quantisation or attention backend that is not installed
         raise ModelLoadError(f"cannot load model {spec!r} as asked: {str(error).splitlines()[0]}") from error
-    if device is not None:
-        model.to(device)
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -25,6 +25,8 @@ OFFLOAD_TARGETS = ("cpu", "disk")
 
 def check_device(name: Any) -> str:
     """A torch device name (or accelerator index) that exists on this machine, as text; else a clear error."""
+    if isinstance(name, str) and name.isdigit():
+        name = int(name)
     if isinstance(name, int) and not isinstance(name, bool):
         return check_device(f"{_accelerator_type()}:{name}")
     try:
@@ -43,12 +45,15 @@ def check_device(name: Any) -> str:
 
 def _accelerator_type() -> str:
     """The machine's accelerator type (what a bare index in a device map means), cuda when there is none."""
-    current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    current = accelerator.current_accelerator() if accelerator is not None and accelerator.is_available() else None
     return current.type if current is not None else "cuda"
 
 
 def _map_target(value: Any) -> Any:
     """One ``device_map`` value: an accelerator index, an offload target or a device name (checked)."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         check_device(value)
         return value
@@ -69,6 +74,11 @@ def check_device_map(device_map: Any) -> str | dict[str, Any] | None:
             raise ModelLoadError(f"device_map keys must be module names (text), not {bad[0]!r}")
         return {key: _map_target(value) for key, value in device_map.items()}
     if isinstance(device_map, str):
+        try:
+            torch.device(device_map)
+        except RuntimeError:
+            raise ModelLoadError(f"device_map {device_map!r} is neither one of {', '.join(PLACEMENT_STRATEGIES)} "
+                                 "nor a device") from None
         return check_device(device_map)
     raise ModelLoadError(f"device_map must be one of {', '.join(PLACEMENT_STRATEGIES)}, a device or a table of "
                          f"module -> device, not {device_map!r}")

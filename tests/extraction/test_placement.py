@@ -74,6 +74,7 @@ def test_attention_implementation_is_passed_and_recorded(tiny_gemma_dir):
     (dict(device="gpu0"), "unknown device 'gpu0'"),
     (dict(device_map={"model.layers.0": "gpu"}), "unknown device 'gpu'"),
     (dict(device_map=3.5), "device_map must be one of auto"),
+    (dict(device_map="automatic"), "device_map 'automatic' is neither one of auto"),
     (dict(device_map={}), "device_map is empty"),
     (dict(device="cpu", device_map="auto"), "either device"),
     (dict(device_map="auto", max_memory="20GiB"), "max_memory must map devices to sizes"),
@@ -217,11 +218,12 @@ def test_study_loads_its_model_with_the_table(tiny_gemma_dir, tmp_path):
     assert loaded.provenance["max_memory"] == {"cpu": "1GiB"} and loaded.provenance["attn_implementation"] == "eager"
 
 
-def test_head_sweep_and_edge_scan_rerun_an_offloaded_model_the_same(tiny_gemma_dir, tmp_path):
-    """The fast sweeps re-run upper blocks from recorded inputs; on an offloaded model those rest on the hooks'
-    execution device while every weight rests on ``meta``."""
+def test_head_sweep_edge_scan_and_task_vector_of_an_offloaded_model_are_the_same(tiny_gemma_dir, tmp_path):
+    """The fast sweeps re-run upper blocks from recorded inputs, the task vector copies projections and norms; on
+    an offloaded model every weight rests on ``meta`` between forward passes."""
     from heads.flow import edge_scan
     from heads.sweeps import sweep
+    from heads.task_vectors import task_vector
 
     plain = load_model(str(tiny_gemma_dir), attn_implementation="eager")
     offloaded = load_model(str(tiny_gemma_dir), attn_implementation="eager", device_map="auto",
@@ -232,3 +234,10 @@ def test_head_sweep_and_edge_scan_rerun_an_offloaded_model_the_same(tiny_gemma_d
     scans = [edge_scan(model, edges=["y->final"], width=2, n_boot=10, **options) for model in (plain, offloaded)]
     for name in ("accuracy_change", "logit_change", "label_logits", "top_token"):
         np.testing.assert_allclose(scans[1][name].values, scans[0][name].values, atol=1e-5)
+    vectors = [task_vector(model, heads, **options) for model in (plain, offloaded)]
+    torch.testing.assert_close(vectors[1], vectors[0], rtol=0, atol=1e-6)
+
+
+def test_device_loads_the_whole_model_there_and_is_recorded(tiny_gemma_dir):
+    loaded = load_model(str(tiny_gemma_dir), device="cpu", check=False)
+    assert loaded.device == torch.device("cpu") and loaded.provenance["device"] == "cpu"
