@@ -38,8 +38,8 @@ never misleads it. Chunk writes do not touch metadata, so an interrupted run res
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, the loading options ``device``, ``device_map``, ``max_memory``, ``quantization`` and
 ``attn_implementation`` used, the module ``placement`` of a split model, library versions), ``layer_convention``,
-``lens_convention``, ``lens_center`` (whether the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
-and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
+``lens_convention``, ``lens_center`` (whether the final norm subtracts the mean), ``lens_form_exact`` (whether the
+norm has that array form), ``lens_logit_scale`` and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
 ``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None),
 ``position_kinds`` (group kind name -> code), ``intervention``
 (None for plain runs, else the list of the interventions' records, see :mod:`extraction.interventions`, whose arrays
