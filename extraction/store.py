@@ -36,14 +36,15 @@ itself always reads the per-node metadata (``use_consolidated=False``), so a sta
 never misleads it. Chunk writes do not touch metadata, so an interrupted run resumes as before.
 
 Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
-hash or revision, dtype, the loading options ``device``, ``device_map``, ``max_memory``, ``quantization`` and
-``attn_implementation`` used, the module ``placement`` of a split model, library versions), ``layer_convention``,
-``lens_convention``, ``lens_center`` (whether the final norm subtracts the mean), ``lens_form_exact`` (whether the
-norm has that array form), ``lens_logit_scale`` and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
+hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
+the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
+and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
 ``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None),
 ``position_kinds`` (group kind name -> code), ``intervention``
 (None for plain runs, else the list of the interventions' records, see :mod:`extraction.interventions`, whose arrays
-are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``.
+are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``. The provenance also holds the loading
+options (``device``, ``device_map``, ``max_memory``, ``quantization``, ``attn_implementation``) and the module
+``placement`` of a split model.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
 """
 
