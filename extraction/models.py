@@ -189,8 +189,8 @@ def load_model(
     provenance.update(device=device, device_map=placement.json_safe(device_map),  # as asked (loading edits them)
                       max_memory=placement.json_safe(max_memory), quantization=quantisation.describe(quantization))
     # A whole model on one device is loaded straight onto it (a quantised model cannot be moved after loading).
-    options = {"device_map": {"": device} if device is not None else device_map, "max_memory": max_memory, "quantization_config": quantization,
-               "attn_implementation": attn_implementation}
+    options = {"device_map": {"": device} if device is not None else device_map, "max_memory": max_memory,
+               "quantization_config": quantization, "attn_implementation": attn_implementation}
     kwargs = {**from_pretrained, **{key: value for key, value in options.items() if value is not None}}
     try:
         with _quiet_weight_loading():
