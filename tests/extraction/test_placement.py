@@ -241,3 +241,13 @@ def test_head_sweep_edge_scan_and_task_vector_of_an_offloaded_model_are_the_same
 def test_device_loads_the_whole_model_there_and_is_recorded(tiny_gemma_dir):
     loaded = load_model(str(tiny_gemma_dir), device="cpu", check=False)
     assert loaded.device == torch.device("cpu") and loaded.provenance["device"] == "cpu"
+
+
+def test_edge_knockouts_refuse_an_attention_without_a_mask_naming_the_option(tiny_gemma_dir, tmp_path):
+    from extraction.edges import EdgeKnockout
+    from extraction.errors import InterventionError
+
+    loaded = load_model(str(tiny_gemma_dir), attn_implementation="flex_attention")
+    assert loaded.provenance["attn_implementation"] == "flex_attention"
+    with pytest.raises(InterventionError, match=r"not 'flex_attention'.*--attn-implementation"):
+        extract(loaded, tmp_path / "s.zarr", intervention=EdgeKnockout("y->final", [1]), **EXTRACT)
