@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from extraction.errors import ArchitectureError
+from extraction.placement import execution_device
 from extraction.readout import Readout, declared
 
 #: Dotted paths (relative to the causal LM) where the final norm lives, in the order they are tried.
@@ -127,6 +128,8 @@ def _find_final_norm(model: nn.Module) -> nn.Module:
 
 
 def _linear_in_features(module: nn.Module) -> int | None:
+    if isinstance(getattr(module, "in_features", None), int):  # nn.Linear and its quantised versions (packed weight)
+        return module.in_features
     weight = getattr(module, "weight", None)
     if weight is None or weight.ndim != 2:
         return None
@@ -204,7 +207,7 @@ def final_norm_form(arch: Architecture, samples: int = 16, seed: int = 0) -> Nor
     """
     generator = torch.Generator().manual_seed(seed)
     norm = copy.deepcopy(arch.final_norm).float()
-    device = arch.unembedding.weight.device
+    device = execution_device(arch.final_norm)
     x = torch.randn(samples, arch.hidden_size, generator=generator).to(device)
     y = norm(x).float()
     for center in (False, True):

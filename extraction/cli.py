@@ -20,6 +20,10 @@ examples:
   # any Hugging Face causal LM: a local folder, a .gguf file, or a hub id already in the local cache
   icl-geometry extract --model ./my-llama --dtype bfloat16 --task topic --out store.zarr
 
+  # a model too big for one GPU: spread over the GPUs (at most 20 GiB each), the rest in CPU memory
+  icl-geometry extract --model ./llama-2-13b --dtype bfloat16 --device-map auto \
+      --max-memory 0=20GiB,1=20GiB,cpu=60GiB --out store.zarr
+
 Each run writes one group (--setting, default 'icl' or 'zero_shot') holding per example the query state at every
 layer (layer 0 = embedding output, layer l = output of block l-1, all before the final norm), the gold label, the
 model's prediction, label-word logits and the logit lens. Open it with xarray.open_zarr(STORE, group=SETTING).
@@ -35,6 +39,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                        help="weights dtype; bfloat16 is 2-3x faster on recent CPUs (default: float32)")
     group.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: where it loads)")
+    group.add_argument("--device-map", default=None, metavar="MAP",
+                       help="spread a big model: auto, balanced, sequential, one device, or a JSON object of "
+                            "module -> device (GPU index, cuda:i, cpu, disk)")
+    group.add_argument("--max-memory", default=None, metavar="SIZES",
+                       help="cap per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    group.add_argument("--quantization", default=None, metavar="KIND",
+                       help="quantised weights: bnb-4bit, bnb-nf4, bnb-8bit, or a JSON object with quant_method "
+                            "and its options (needs that backend, e.g. bitsandbytes)")
+    group.add_argument("--attn-implementation", default=None, metavar="NAME",
+                       help="attention kernel: eager, sdpa, flash_attention_2, ... (default: transformers' choice)")
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +71,15 @@ def add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
                        help="score a multi-token label word by its first token instead of refusing it")
 
 
+def model_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of ``extraction.load_model`` (after the spec) from parsed model options."""
+    from extraction.placement import parse_device_map, parse_max_memory
+
+    return dict(dtype=args.dtype, device=args.device, device_map=parse_device_map(args.device_map),
+                max_memory=parse_max_memory(args.max_memory), quantization_config=args.quantization,
+                attn_implementation=args.attn_implementation)
+
+
 def prompt_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments of ``extraction.extract`` from parsed prompt options."""
     return dict(
@@ -71,7 +94,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from extraction.extractor import accuracy, extract
     from extraction.models import load_model
 
-    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    loaded = load_model(args.model, **model_kwargs(args))
     dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
                       store_dtype=args.store_dtype, overwrite=args.overwrite, **prompt_kwargs(args))
     print(json.dumps({"store": str(args.out), "group": dataset.attrs["setting"], **accuracy(dataset)}))

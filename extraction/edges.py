@@ -138,7 +138,8 @@ def check_masked_attention(arch: Architecture) -> None:
     used = getattr(getattr(arch.attentions[0], "config", None), "_attn_implementation", None)
     if used not in MASKED_IMPLEMENTATIONS:
         raise InterventionError(f"edge interventions need eager or SDPA attention, not {used!r}; load the model with "
-                                "attn_implementation='eager' or 'sdpa'")
+                                "attn_implementation='eager' or 'sdpa' (--attn-implementation, [model] "
+                                "attn_implementation)")
 
 
 def knocked_out(mask: torch.Tensor | None, blocked: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
+from extraction import placement, quantisation
 from extraction.architecture import Architecture, discover_architecture
 from extraction.errors import ModelLoadError
 
@@ -42,7 +43,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.arch.unembedding.weight.device
+        """Where input ids go: the device the embedding computes on (the first device of a split model)."""
+        return placement.execution_device(self.arch.embedding)
 
 
 def cache_root() -> Path:
@@ -146,26 +148,50 @@ def load_model(
     dtype: str = "float32",
     device: str | None = None,
     device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    quantization_config: Any = None,
     attn_implementation: str | None = None,
     check: bool = True,
     **from_pretrained: Any,
 ) -> LoadedModel:
     """Load ``spec`` (None: the default Gemma 3 270M) in eval mode with a left-padding tokenizer.
 
-    ``dtype`` is ``float32`` (default), ``bfloat16`` or ``float16``; ``device_map`` and other keyword arguments
-    go to ``from_pretrained`` (quantised loading, sharding). With ``check`` the captured final residual state is
-    verified to reproduce the model's own logits.
+    ``dtype`` is ``float32`` (default), ``bfloat16`` or ``float16``. ``device`` puts the whole model on one device
+    (``cuda``, ``cuda:1``, ``mps``, ``cpu``). A model too big for one device is spread with ``device_map``
+    (``"auto"``, ``"balanced"``, ``"sequential"``, one device, or a table of module name -> device, GPU index,
+    ``"cpu"`` or ``"disk"``), capped per device by ``max_memory`` (device -> size; modules that do not fit are
+    offloaded to CPU memory, then to ``offload_folder``). ``quantization_config`` loads quantised weights: a
+    transformers config object (``BitsAndBytesConfig(load_in_4bit=True)``), a short name (``"bnb-4bit"``,
+    ``"bnb-8bit"``, see :data:`extraction.quantisation.SHORTHANDS`) or a table naming its ``quant_method``.
+    ``attn_implementation`` is ``eager``, ``sdpa``, ``flash_attention_2``, ... Other keyword arguments go to
+    ``from_pretrained``. Every option is recorded in the provenance (and so in every store group's attrs). With
+    ``check`` the captured final residual state is verified to reproduce the model's own logits.
+
+    A 7B model over two GPUs, at most 20 GiB on each, the rest in CPU memory::
+
+        load_model("meta-llama/Llama-2-7b-hf", dtype="bfloat16", device_map="auto",
+                   max_memory={0: "20GiB", 1: "20GiB", "cpu": "60GiB"})
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    device = placement.check_device(device) if device is not None else None
+    if device is not None and device_map is not None:
+        raise ModelLoadError("give either device (the whole model on one device) or device_map, not both")
+    device_map = placement.check_device_map(device_map)
+    max_memory = placement.check_max_memory(max_memory)
+    if max_memory is not None and device_map is None:
+        raise ModelLoadError("max_memory needs a device_map that it caps, e.g. device_map=\"auto\"")
+    attn_implementation = placement.check_attn_implementation(attn_implementation)
+    quantization = quantisation.quantization_config(quantization_config)
     source, provenance = resolve_spec(spec)
-    kwargs = dict(from_pretrained)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if device_map is not None:
-        kwargs["device_map"] = device_map
+    provenance.update(device=device, device_map=placement.json_safe(device_map),  # as asked (loading edits them)
+                      max_memory=placement.json_safe(max_memory), quantization=quantisation.describe(quantization))
+    # A whole model on one device is loaded straight onto it (a quantised model cannot be moved after loading).
+    options = {"device_map": {"": device} if device is not None else device_map, "max_memory": max_memory,
+               "quantization_config": quantization, "attn_implementation": attn_implementation}
+    kwargs = {**from_pretrained, **{key: value for key, value in options.items() if value is not None}}
     try:
         with _quiet_weight_loading():
             tokenizer = AutoTokenizer.from_pretrained(source)
@@ -175,8 +201,8 @@ def load_model(
             f"cannot load model {spec!r}: {error}. Give a local folder, a .gguf file, or a hub id that is in "
             "the local Hugging Face cache (no network is used when HF_HUB_OFFLINE=1)."
         ) from error
-    if device is not None and device_map is None:
-        model.to(device)
+    except ImportError as error:  # a quantisation or attention backend that is not installed
+        raise ModelLoadError(f"cannot load model {spec!r} as asked: {str(error).splitlines()[0]}") from error
     model.eval()
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -185,8 +211,13 @@ def load_model(
         dtype=dtype,
         model_class=type(model).__name__,
         model_revision=getattr(model.config, "_commit_hash", None) or "local",
+        attn_implementation=getattr(model.config, "_attn_implementation", None),
+        placement=placement.json_safe(getattr(model, "hf_device_map", None)),
     )
-    loaded = LoadedModel(model, tokenizer, discover_architecture(model), str(spec or DEFAULT_MODEL), provenance)
+    arch = discover_architecture(model)
+    placement.keep_resident(arch.final_norm)
+    placement.keep_resident(arch.unembedding)
+    loaded = LoadedModel(model, tokenizer, arch, str(spec or DEFAULT_MODEL), provenance)
     if check:
         from extraction.capture import verify_capture
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from extraction.errors import ArchitectureError
+from extraction.placement import execution_device
 
 MULTIPLY, DIVIDE, SOFTCAP = "multiply", "divide", "softcap"
 
@@ -80,11 +81,14 @@ class Readout:
         return cls(final_norm, unembedding, *output_postprocessing(config))
 
     def normalise(self, states: torch.Tensor) -> torch.Tensor:
-        """The final norm of ``states`` (..., d), in the LM head's dtype as the model feeds it."""
-        return self.final_norm(states.to(self.unembedding.weight.dtype))
+        """The final norm of ``states`` (..., d), in the LM head's dtype as the model feeds it, on the LM head's
+        device (the two may sit on different devices of a split model)."""
+        normed = self.final_norm(states.to(execution_device(self.final_norm), self.unembedding.weight.dtype))
+        return normed.to(execution_device(self.unembedding))
 
     def project(self, normed: torch.Tensor, tokens: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
         """The LM head's raw output for final-normed rows: every token, or only the rows of ``tokens``."""
+        normed = normed.to(execution_device(self.unembedding))
         if tokens is None:
             return self.unembedding(normed)
         weight, bias = self.unembedding.weight, getattr(self.unembedding, "bias", None)

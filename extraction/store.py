@@ -42,7 +42,9 @@ and ``lens_softcap`` (the read-out's output post-processing: label logits are ``
 ``z = normalise(h) @ lens_unembedᵀ + lens_bias``, or ``s * z`` when ``lens_softcap`` is None),
 ``position_kinds`` (group kind name -> code), ``intervention``
 (None for plain runs, else the list of the interventions' records, see :mod:`extraction.interventions`, whose arrays
-are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``.
+are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``. The provenance also holds the loading
+options (``device``, ``device_map``, ``max_memory``, ``quantization``, ``attn_implementation``) and the module
+``placement`` of a split model.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
 """
 

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from extraction.cli import add_model_arguments, add_prompt_arguments, prompt_kwargs
+from extraction.cli import add_model_arguments, add_prompt_arguments, model_kwargs, prompt_kwargs
 
 DESCRIPTION = """Attention heads behind in-context learning ([Y] Yang et al. 2025): previous-token (PTH) and
 induction (IH) head scores, head ablation, task-vector injection, and their effect on the query hidden states layer
@@ -67,7 +67,7 @@ folder. Re-running re-uses every finished group.
 def _load(args: argparse.Namespace):
     from extraction.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, **model_kwargs(args))
 
 
 def _prompt_options(args: argparse.Namespace) -> dict:

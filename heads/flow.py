@@ -48,7 +48,7 @@ from extraction.tasks import Task
 from geometry.bootstrap import CI_LEVEL, resample_counts
 from heads.errors import HeadsError
 from heads.prompting import PromptBatches, prompt_batches
-from heads.rerun import LayerCalls, call_layer
+from heads.rerun import LayerCalls, call_layer, recorded_input
 from heads.sweeps import METHODS, check_readout
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,7 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans
         rows = torch.arange(size).repeat_interleave(len(edges))
         for w, blocks in enumerate(spans):
             first = blocks[0]
-            args, kwargs = calls.calls[first]
-            hidden = (args[0] if args else kwargs["hidden_states"]).index_select(0, rows.to(loaded.device))
+            hidden = recorded_input(calls.calls[first], rows)
             with ExitStack() as stack:
                 install_mask_edit(arch, blocks, lambda: blocked, stack)
                 for block in range(first, arch.n_layers):

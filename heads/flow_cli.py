@@ -8,7 +8,7 @@ import re
 import time
 from pathlib import Path
 
-from extraction.cli import add_model_arguments, add_prompt_arguments, prompt_kwargs
+from extraction.cli import add_model_arguments, add_prompt_arguments, model_kwargs, prompt_kwargs
 
 DESCRIPTION = """Information flow between the positions of a few-shot prompt ([B] Bakalova et al.): block the
 attention from one position group to another (pre-softmax score -inf, the rest renormalised) in a window of
@@ -53,7 +53,7 @@ group, baseline, layer, measure, value, baseline_value, change). Prints a JSON s
 def _load(args: argparse.Namespace):
     from extraction.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, **model_kwargs(args))
 
 
 def _print(payload: dict) -> None:

@@ -54,6 +54,13 @@ def _take(value: Any, batch: int, rows: torch.Tensor) -> Any:
     return value
 
 
+def recorded_input(call: tuple[tuple, dict], rows: torch.Tensor) -> torch.Tensor:
+    """A recorded call's hidden-state input taken at ``rows`` (with repeats), on the device it was recorded on."""
+    args, kwargs = call
+    hidden = args[0] if args else kwargs["hidden_states"]
+    return hidden.index_select(0, rows.to(hidden.device))
+
+
 def call_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict], batch: int,
                 rows: torch.Tensor) -> torch.Tensor:
     """Run ``layer`` on ``hidden`` with a recorded call's other arguments, taken at ``rows`` of the batch."""

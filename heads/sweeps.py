@@ -37,7 +37,7 @@ from extraction.tasks import Task
 from heads.errors import HeadsError
 from heads.interventions import ablate, check_heads, head_patch_hook
 from heads.prompting import PromptBatches, prompt_batches
-from heads.rerun import LayerCalls, call_layer
+from heads.rerun import LayerCalls, call_layer, recorded_input
 from heads.selection import Head
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,7 @@ def _run_from(arch: Architecture, calls: LayerCalls, start: int, heads: list[int
     handle = arch.output_projections[start].register_forward_pre_hook(
         head_patch_hook(arch, keep.repeat(len(prompts), 1)))
     try:
-        args, kwargs = calls.calls[start]
-        hidden = (args[0] if args else kwargs["hidden_states"]).index_select(0, rows.to(arch.unembedding.weight.device))
+        hidden = recorded_input(calls.calls[start], rows)
         for index in range(start, arch.n_layers):
             hidden = call_layer(arch.layers[index], hidden, calls.calls[index], batch, rows)
     finally:

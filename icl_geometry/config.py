@@ -9,6 +9,8 @@ Example ``study.toml``::
     [model]
     spec = "./my-llama"        # hub id in the local cache, Hugging Face folder or .gguf; "default" = Gemma 3 270M
     dtype = "bfloat16"
+    device_map = "auto"        # a big model spread over the GPUs, at most 20 GiB on each, the rest in CPU memory
+    max_memory = {0 = "20GiB", 1 = "20GiB", cpu = "60GiB"}
 
     [data]
     tasks = ["sentiment", "reviews.csv"]
@@ -24,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,19 @@ class ModelSection:
     spec: str = "default"  #: hub id, local Hugging Face folder or .gguf file; "default" is Gemma 3 270M
     dtype: str = "bfloat16"  #: float32, bfloat16 or float16; stores always hold float32 states
     device: str = ""  #: torch device such as "cuda"; empty: where the model loads (CPU here)
+    #: spread a big model: "auto", "balanced", "sequential", one device, or a table of module -> device; empty: none
+    device_map: str | dict = ""
+    max_memory: dict = field(default_factory=dict)  #: cap per device for device_map, e.g. {0 = "20GiB", cpu = "60GiB"}
+    #: quantised weights: "bnb-4bit", "bnb-nf4", "bnb-8bit" or a table with quant_method and its options; empty: none
+    quantization: str | dict = ""
+    attn_implementation: str = ""  #: eager, sdpa, flash_attention_2, ...; empty: transformers' choice
     batch_size: int = 8  #: prompts per forward pass
+
+    def load_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``extraction.load_model`` (after the spec); empty values mean "not given"."""
+        return dict(dtype=self.dtype, device=self.device or None, device_map=self.device_map or None,
+                    max_memory=self.max_memory or None, quantization_config=self.quantization or None,
+                    attn_implementation=self.attn_implementation or None)
 
 
 @dataclass
@@ -144,7 +159,23 @@ def quick_config() -> StudyConfig:
     )
 
 
+def _type_name(expected: Any) -> str:
+    return "a table" if expected is dict else expected.__name__
+
+
 def _check_type(name: str, value: Any, expected: Any) -> Any:
+    if isinstance(expected, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _check_type(name, value, option)
+            except ConfigError:
+                continue
+        names = " or ".join(_type_name(option) for option in typing.get_args(expected))
+        raise ConfigError(f"{name} must be {names}, not {type(value).__name__} {value!r}")
+    if expected is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a table of keys, not {type(value).__name__} {value!r}")
+        return value
     if typing.get_origin(expected) is list:
         (item,) = typing.get_args(expected)
         if not isinstance(value, list):
@@ -191,10 +222,24 @@ def _validate(config: StudyConfig) -> StudyConfig:
         raise ConfigError("geometry.n_boot and geometry.n_boot_separability must be >= 0, geometry.rank >= 1")
     if not 0 <= config.geometry.min_rise < float("inf"):
         raise ConfigError(f"geometry.min_rise must be a finite number >= 0, not {config.geometry.min_rise}")
+    _check_model_options(config.model)
     unknown_edges = sorted(set(config.flow.edges) - set(_all_edges()))
     if unknown_edges or not config.flow.edges:
         raise ConfigError(f"flow.edges: {unknown_edges or 'empty'}; choose from {', '.join(_all_edges())}")
     return config
+
+
+def _check_model_options(model: ModelSection) -> None:
+    """The model options that mean the same on every machine (devices are checked when the model loads)."""
+    from extraction.errors import ModelLoadError
+    from extraction.placement import check_attn_implementation
+    from extraction.quantisation import quantization_config
+
+    for key, check in (("attn_implementation", check_attn_implementation), ("quantization", quantization_config)):
+        try:
+            check(getattr(model, key))
+        except ModelLoadError as error:
+            raise ConfigError(f"model.{key}: {error}") from None
 
 
 def config_from_dict(raw: dict[str, Any], base: StudyConfig | None = None) -> StudyConfig:
@@ -243,6 +288,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(str(key))} = {_toml_value(item)}" for key, item in value.items()) + "}"
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 

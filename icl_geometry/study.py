@@ -77,8 +77,7 @@ class Study:
             from extraction.models import load_model
 
             model = self.config.model
-            self._loaded = load_model(None if model.spec == "default" else model.spec, dtype=model.dtype,
-                                      device=model.device or None)
+            self._loaded = load_model(None if model.spec == "default" else model.spec, **model.load_options())
         return self._loaded
 
     def prompt_options(self) -> dict:
