@@ -115,6 +115,17 @@ def single_head(array: xr.DataArray | xr.Dataset) -> xr.DataArray | xr.Dataset:
     return array.isel(head=0, drop=True)
 
 
+def heads_mean(patterns: xr.DataArray) -> xr.DataArray:
+    """The heads' mean pattern of each block (a ``head`` dim of size 1 is just dropped).
+
+    [M]'s metrics are defined for one head per block; they are linear in the pattern, so the metrics of the mean
+    pattern are the means of the heads' metrics: the lab's summary for models with several heads per block ([S]'s).
+    """
+    if "head" not in patterns.dims:
+        return patterns
+    return patterns.mean("head", keep_attrs=True) if patterns.sizes["head"] > 1 else patterns.isel(head=0, drop=True)
+
+
 def query_shares(metrics: xr.Dataset) -> xr.Dataset:
     """The query's attention split three ways: on itself (bigram), on the labels, on the items (the rest)."""
     return xr.Dataset({"self": metrics["bigram"], "labels": metrics["label_attention"],

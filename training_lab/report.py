@@ -29,7 +29,7 @@ import xarray as xr
 from icl_geometry.config import dump_toml
 from icl_geometry.report import html_page, html_table, image_tag
 from training_lab import figures
-from training_lab.circuits import METRICS, circuit_metrics, single_head
+from training_lab.circuits import METRICS, circuit_metrics, heads_mean, single_head
 from training_lab.config import LabConfig
 from training_lab.errors import LabError
 from training_lab.geometry_over_training import run_geometry
@@ -103,7 +103,8 @@ def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: f
         raise LabError(f"the run at {out} has {curves.sizes['step']} completed evaluation(s); train it further "
                        "before analysing")
     say("circuit metrics and phases")
-    metrics = circuit_metrics(curves["mean_pattern"])
+    patterns = heads_mean(curves["mean_pattern"])
+    metrics = circuit_metrics(patterns)
     phases = detect_phases(curves["accuracy"], window=window, threshold=threshold, smooth=smooth)
     circuits = phase_circuits(metrics, phases)
     measured = None
@@ -121,7 +122,7 @@ def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: f
     figures.plot_training_curves(curves["accuracy"], figure_dir, loss=curves["loss"], phases=phases,
                                  circuits=circuits)
     figures.plot_circuit_metrics(metrics, figure_dir, phases=phases)
-    figures.plot_attention_maps(curves["mean_pattern"], phases, figure_dir, circuits=circuits)
+    figures.plot_attention_maps(patterns, phases, figure_dir, circuits=circuits)
     if measured is not None:
         figures.plot_measures_over_training(measured, figure_dir, phases=phases)
     report = write_lab_report(out)
@@ -145,6 +146,23 @@ def phase_sentences(out: str | Path) -> list[str]:
         sentences.append(f"Seed {seed}: {len(rows)} phase(s) by step {int(final.step)} ({'; '.join(parts)}); final "
                          f"held-out accuracy {final.accuracy:.3f}, loss {final.loss:.3f}.")
     return sentences
+
+
+def _alignment_text(readout: str) -> str:
+    """What the alignment measures are aligned to, by read-out kind."""
+    if readout == "linear":
+        return "alignment to the label unembeddings (the linear read-out's rows) at every residual layer."
+    return ("alignment to the read-out's last-layer rows on the read-out's hidden layer (the read-out is an MLP, "
+            "not an unembedding).")
+
+
+def _heads_note(n_heads: int) -> str:
+    """Say that the circuits of a model with several heads per block are those of the heads' mean pattern."""
+    if n_heads == 1:
+        return ""
+    return (f"<p class='muted'>Each block has {n_heads} heads: the circuit metrics and attention maps are of the "
+            f"mean over the {n_heads} heads' patterns (the metrics are linear in the pattern, so this is the heads' "
+            "mean metric).</p>")
 
 
 def write_lab_report(out: str | Path) -> Path:
@@ -173,12 +191,11 @@ def write_lab_report(out: str | Path) -> Path:
         "accuracy; consecutive boundaries merge into one transition (shaded in the figures). A phase's circuit "
         "and accuracy are the means over its evaluations outside transitions.</p>",
         image_tag(figure_dir / "training_curves.png", "accuracy and loss over training"),
-        "<h2>Circuits</h2>", image_tag(figure_dir / "circuit_metrics.png", "circuit metrics over training"),
+        "<h2>Circuits</h2>", _heads_note(config["model"]["n_heads"]), image_tag(figure_dir / "circuit_metrics.png", "circuit metrics over training"),
         image_tag(figure_dir / "attention_maps.png", "attention maps at the start of each phase"),
         "<h2>Geometry over training</h2>",
         "<p>Separability (a linear probe's held-out accuracy on the query's label) and effective dimension at "
-        "every residual layer; alignment to the read-out's last-layer rows on the read-out's hidden layer (the "
-        "read-out is an MLP, not an unembedding).</p>",
+        f"every residual layer; {_alignment_text(config['model'].get('readout', 'mlp'))}</p>",
         image_tag(figure_dir / "measures_over_training.png", "geometry measures over training"),
         "<h2>Configuration</h2><pre>" + html.escape(dump_toml(LabConfig.from_dict(config))) + "</pre>",
     ]

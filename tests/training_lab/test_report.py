@@ -2,9 +2,11 @@
 
 from dataclasses import replace
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from training_lab.circuits import circuit_metrics
 from training_lab.report import analyse
 from training_lab.store import open_run
 from training_lab.train import train
@@ -42,3 +44,13 @@ def test_analyse_reads_only_completed_steps(tiny, tmp_path):
     assert 0 < result.curves.sizes["step"] == done.sum() < len(done)
     assert not (tmp_path / "run" / "tables" / "geometry.csv").exists()
     assert (tmp_path / "run" / "report.html").is_file()
+
+
+def test_analyse_runs_with_several_heads_per_block_on_the_heads_mean_pattern(tiny, tmp_path):
+    config = replace(tiny, model=replace(tiny.model, n_heads=2), train=replace(tiny.train, snapshot_examples=16))
+    train(config, tmp_path / "run", progress=False)
+    result = analyse(tmp_path / "run", geometry=False)
+    per_head = circuit_metrics(open_run(tmp_path / "run")["mean_pattern"].sel(step=result.curves["step"]))
+    assert per_head.sizes["head"] == 2
+    assert np.allclose(result.metrics["label_attention"], per_head["label_attention"].mean("head"))
+    assert "mean over the 2 heads" in result.report.read_text()
