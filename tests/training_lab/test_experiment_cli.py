@@ -32,7 +32,7 @@ def test_an_experiment_trains_compares_and_resumes(tmp_path, capsys):
 def test_print_config_prints_every_configuration(capsys):
     assert main(["train", "--experiment", "singh-clamps", "--quick", "--print-config"]) == 0
     text = capsys.readouterr().out
-    assert text.count("# configuration") == 4 and "# configuration A+B" in text and "[[clamp]]" in text
+    assert text.count("# configuration") == 5 and "# configuration A+C" in text and "[[clamp]]" in text
 
 
 @pytest.mark.parametrize("args, words", [
