@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
 from extraction.tasks import list_tasks
 
@@ -83,9 +85,14 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                        help="examples per store chunk along example, one shard each (default: 512, at most --n)")
 
 
-def cluster_kwargs(args: argparse.Namespace) -> dict:
-    """Keyword arguments of ``extraction.extract`` from parsed cluster options."""
-    return dict(client=args.scheduler, workers=args.workers, example_chunk=args.example_chunk)
+@contextmanager
+def cluster_options(args: argparse.Namespace) -> Iterator[dict]:
+    """``extraction.extract``'s cluster keyword arguments from parsed cluster options: one Dask client (or None)
+    for every extraction of the command, closed when it ends."""
+    from extraction.distributed import connected
+
+    with connected(args.scheduler, args.workers) as client:
+        yield dict(client=client, example_chunk=args.example_chunk)
 
 
 def run_extract(args: argparse.Namespace) -> int:
@@ -93,9 +100,9 @@ def run_extract(args: argparse.Namespace) -> int:
     from extraction.models import load_model
 
     loaded = load_model(args.model, dtype=args.dtype, device=args.device)
-    dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
-                      store_dtype=args.store_dtype, overwrite=args.overwrite, **cluster_kwargs(args),
-                      **prompt_kwargs(args))
+    with cluster_options(args) as cluster:
+        dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
+                          store_dtype=args.store_dtype, overwrite=args.overwrite, **cluster, **prompt_kwargs(args))
     print(json.dumps({"store": str(args.out), "group": dataset.attrs["setting"], **accuracy(dataset)}))
     return 0
 
