@@ -44,7 +44,10 @@ class ModelRecipe:
 
     @classmethod
     def of(cls, loaded: Any) -> ModelRecipe:
-        spec = loaded.provenance.get("model_spec", loaded.spec)
+        """The recipe of a loaded model (the default model by name: each worker resolves its own copy)."""
+        from extraction.models import DEFAULT_MODEL
+
+        spec = loaded.spec if loaded.spec == DEFAULT_MODEL else loaded.provenance.get("model_spec", loaded.spec)
         local = Path(spec).expanduser()
         if local.exists():
             spec = str(local.resolve())
@@ -71,7 +74,7 @@ def worker_model(recipe: ModelRecipe) -> Any:
             from distributed import get_worker
 
             name = get_worker().name
-            device = f"cuda:{(name if isinstance(name, int) else 0) % torch.cuda.device_count()}"
+            device = f"cuda:{(name if isinstance(name, int) else 0) % max(1, torch.cuda.device_count())}"
         spec = None if recipe.spec == DEFAULT_MODEL else recipe.spec
         _MODELS[recipe] = load_model(spec, device=device, **dict(recipe.options))
     return _MODELS[recipe]
@@ -219,7 +222,12 @@ def run_shard(recipe: ModelRecipe, path: str, group: str, config: dict[str, Any]
         raise ClusterError(f"Dask worker sees no group {group!r} in {path}; is the store on a shared file system?")
     todo = ~writer.node["done"].get_orthogonal_selection((index,))
     if todo.any():
-        fill(worker_model(recipe), writer, index[todo], [items[i] for i in np.flatnonzero(todo)], **fill_kwargs)
+        loaded = worker_model(recipe)
+        if loaded.provenance.get("model_sha256") != config["model_sha256"]:
+            raise ClusterError(f"the model a Dask worker loaded from {recipe.spec} differs from the client's (sha256 "
+                               f"{loaded.provenance.get('model_sha256')} vs {config['model_sha256']}); give every "
+                               "worker the same model file")
+        fill(loaded, writer, index[todo], [items[i] for i in np.flatnonzero(todo)], **fill_kwargs)
     return int(todo.sum())
 
 

@@ -1,8 +1,10 @@
 """The extraction loop: prompts -> batched forward with query-only hooks -> one group of the Zarr store.
 
-Batches are formed from prompts of similar length (less padding), each batch is moved to the CPU and written at
-once, so memory stays flat as the number of prompts grows. A run interrupted at any point and started again with
-the same configuration writes only the examples that are missing.
+Batches are formed from prompts of similar length (less padding) within each chunk of the store along
+``example``, each batch is moved to the CPU and written at once, so memory stays flat as the number of prompts
+grows. A run interrupted at any point and started again with the same configuration writes only the examples
+that are missing. With a Dask client the chunks are shards run by the cluster's workers
+(:mod:`extraction.distributed`).
 """
 
 from __future__ import annotations
