@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+from contextlib import contextmanager
+from typing import Iterator
 
 from extraction.tasks import list_tasks
 
@@ -23,6 +25,10 @@ examples:
   # a model too big for one GPU: spread over the GPUs (at most 20 GiB each), the rest in CPU memory
   icl-geometry extract --model ./llama-2-13b --dtype bfloat16 --device-map auto \
       --max-memory 0=20GiB,1=20GiB,cpu=60GiB --out store.zarr
+
+  # sharded over Dask: 4 local single-threaded worker processes, or the workers of a running scheduler
+  icl-geometry extract --n 4096 --workers 4 --out store.zarr
+  icl-geometry extract --n 100000 --scheduler tcp://head-node:8786 --example-chunk 256 --out /shared/store.zarr
 
 Each run writes one group (--setting, default 'icl' or 'zero_shot') holding per example the query state at every
 layer (layer 0 = embedding output, layer l = output of block l-1, all before the final norm), the gold label, the
@@ -90,13 +96,36 @@ def prompt_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that shard a command's extraction runs over a Dask cluster (see extraction.distributed)."""
+    group = parser.add_argument_group("scaling out (needs pip install 'icl-geometry[dask]')")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="shard over the workers of a running Dask scheduler, e.g. tcp://host:8786")
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="shard over a local cluster of N single-threaded worker processes")
+    group.add_argument("--example-chunk", type=int, default=None, metavar="K",
+                       help="examples per store chunk along example, one shard each (default: 512, at most --n)")
+
+
+@contextmanager
+def cluster_options(args: argparse.Namespace) -> Iterator[dict]:
+    """``extraction.extract``'s cluster keyword arguments from parsed cluster options: one Dask client (or None)
+    for every extraction of the command, closed when it ends."""
+    from extraction.distributed import connected
+
+    with connected(args.scheduler, args.workers) as client:
+        yield dict(client=client, example_chunk=args.example_chunk)
+
+
 def run_extract(args: argparse.Namespace) -> int:
     from extraction.extractor import accuracy, extract
     from extraction.models import load_model
 
     loaded = load_model(args.model, **model_kwargs(args))
-    dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
-                      store_dtype=args.store_dtype, overwrite=args.overwrite, **prompt_kwargs(args))
+    with cluster_options(args) as cluster:
+        dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
+                          store_dtype=args.store_dtype, overwrite=args.overwrite, **cluster, **prompt_kwargs(args))
     print(json.dumps({"store": str(args.out), "group": dataset.attrs["setting"], **accuracy(dataset)}))
     return 0
 
@@ -116,4 +145,5 @@ def register(subparsers) -> None:
     group.add_argument("--store-dtype", default="float32", choices=["float32", "float16"],
                        help="dtype of stored hidden states (default: float32)")
     group.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
+    add_cluster_arguments(parser)
     parser.set_defaults(func=run_extract)

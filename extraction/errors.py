@@ -37,6 +37,10 @@ class StoreError(ICLGeometryError):
     """A store or group is missing, malformed, or holds a different configuration."""
 
 
+class ClusterError(ICLGeometryError):
+    """A Dask cluster for sharded extraction cannot be reached, or its workers cannot run or see the run."""
+
+
 class InterventionError(ICLGeometryError):
     """An intervention (head ablation, injection, ...) does not fit the model or is passed in a form that is refused."""
 

@@ -1,15 +1,17 @@
 """The extraction loop: prompts -> batched forward with query-only hooks -> one group of the Zarr store.
 
-Batches are formed from prompts of similar length (less padding), each batch is moved to the CPU and written at
-once, so memory stays flat as the number of prompts grows. A run interrupted at any point and started again with
-the same configuration writes only the examples that are missing.
+Batches are formed from prompts of similar length (less padding) within each chunk of the store along
+``example``, each batch is moved to the CPU and written at once, so memory stays flat as the number of prompts
+grows. A run interrupted at any point and started again with the same configuration writes only the examples
+that are missing. With a Dask client the chunks are shards run by the cluster's workers
+(:mod:`extraction.distributed`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,15 +20,18 @@ from tqdm.auto import tqdm
 
 from extraction.architecture import final_norm_form
 from extraction.capture import LAYER_CONVENTION, run_with_capture
-from extraction.errors import StoreError
+from extraction.distributed import ModelRecipe, check_chunking, check_cluster, connected, run_on_cluster, shards
+from extraction.errors import ClusterError, StoreError
 from extraction.interventions import (Batch, Intervention, as_interventions, intervening, refuse_active,
                                       stored_arrays)
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.positions import KIND_CODES
-from extraction.prompts import Encoded, PromptConfig, PromptSet, build_prompts, check_lengths, encode, label_token_ids
+from extraction.prompts import (Encoded, Prompt, PromptConfig, PromptSet, build_prompts, check_lengths, encode,
+                                label_token_ids)
 from extraction.statistics_writer import KEEP, StatisticsWriter
-from extraction.store import GroupWriter, library_versions, open_group
+from extraction.store import (EXAMPLE_CHUNK, GroupWriter, consolidate, library_versions, open_group,
+                              stored_example_chunk)
 from extraction.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
@@ -102,6 +107,9 @@ def extract(
     progress: bool = True,
     keep: str = "states",
     statistics_blocks: int = 16,
+    example_chunk: int | None = None,
+    client: Any = None,
+    workers: int | None = None,
 ) -> xr.Dataset:
     """Extract query states of ``n`` prompts into group ``setting`` of the store at ``out``; return the group.
 
@@ -116,6 +124,13 @@ def extract(
     running count, mean and centred second moment of the query states instead of the states: fixed memory and
     store size for any number of prompts; measure the group with ``geometry.measure(..., engine="statistics")``
     (see :mod:`extraction.statistics_writer`).
+
+    ``example_chunk`` is the store's chunk along ``example`` (default 512, capped at ``n``; a resumed group keeps
+    its own): batches never span two chunks. ``client`` (a ``dask.distributed.Client`` or a scheduler address
+    ``tcp://host:port``) or ``workers`` (a local cluster of that many single-threaded worker processes) shards the
+    run over Dask workers, one chunk a task, each worker loading the model once and writing its chunks itself; the
+    store is the one a single process writes with the same ``example_chunk``, bit for bit
+    (see :mod:`extraction.distributed`).
     """
     interventions = as_interventions(intervention)
     refuse_active(loaded.arch)
@@ -139,22 +154,46 @@ def extract(
         "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
         "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": records,
     }
-    writer = _writer(out, setting, config, overwrite, keep, statistics_blocks, prompts, len(tokens))
-    if not writer.exists:
-        static, lens_attrs = _static(loaded, prompts.label_words, tokens)
-        writer.create(
-            _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest),
-            {**static, **stored_arrays(interventions)},
-            {
-                "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
-                "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
-                "intervention": records, "position_kinds": KIND_CODES,
-                "provenance": {**loaded.provenance, "libraries": library_versions(LIBRARIES)},
-                **lens_attrs,
-            },
-        )
-    _fill(loaded, writer, prompts, tokens, interventions, batch_size, store_dtype, progress)
+    if keep != "states" and (client is not None or workers is not None):
+        raise ClusterError("keep='statistics' runs in one process; drop client and workers (or keep='states')")
+    stored_chunk = None if overwrite else stored_example_chunk(out, setting)
+    chunk = _example_chunk(n, example_chunk, stored_chunk, f"group {setting!r} of {out}")
+    with connected(client, workers) as cluster:
+        recipe = ModelRecipe.of(loaded) if cluster is not None else None
+        if cluster is not None:
+            n_workers = check_cluster(cluster, out, recipe)
+            if stored_chunk is None:
+                check_chunking(n, chunk, n_workers)
+        writer = _writer(out, setting, config, overwrite, keep, statistics_blocks, prompts, len(tokens))
+        if not writer.exists:
+            static, lens_attrs = _static(loaded, prompts.label_words, tokens)
+            writer.create(
+                _layout(n, shots, loaded.arch, len(tokens), store_dtype, longest),
+                {**static, **stored_arrays(interventions)},
+                {
+                    "task": task_obj.name, "shots": shots, "n_layers": loaded.arch.n_layers, "setting": setting,
+                    "layer_convention": LAYER_CONVENTION, "lens_convention": LENS_CONVENTION,
+                    "intervention": records, "position_kinds": KIND_CODES,
+                    "provenance": {**loaded.provenance, "libraries": library_versions(LIBRARIES)},
+                    **lens_attrs,
+                },
+                example_chunk=chunk,
+            )
+        _fill(loaded, writer, prompts, tokens, interventions, batch_size, store_dtype, progress, cluster, recipe)
     return open_group(out, setting)
+
+
+def _example_chunk(n: int, example_chunk: int | None, stored: int | None, group: str) -> int:
+    """The group's chunk along ``example``: the ``stored`` one when resuming (a different request is refused),
+    else ``example_chunk`` (default :data:`EXAMPLE_CHUNK`) capped at ``n``."""
+    if example_chunk is not None and (isinstance(example_chunk, bool) or not isinstance(example_chunk, int)
+                                      or example_chunk < 1):
+        raise StoreError(f"example_chunk must be an integer >= 1, not {example_chunk!r}")
+    wanted = min(example_chunk or EXAMPLE_CHUNK, n)
+    if stored is not None and example_chunk is not None and wanted != stored:
+        raise StoreError(f"{group} is chunked {stored} examples along example, not {wanted}; pass "
+                         f"example_chunk={stored} to resume it, or overwrite=True to replace it")
+    return stored or wanted
 
 
 def _writer(out: str | Path, setting: str, config: dict, overwrite: bool, keep: str, blocks: int,
@@ -185,31 +224,51 @@ def check_context(loaded: LoadedModel, prompts: PromptSet) -> int:
 
 
 def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Pending example indices grouped into batches of similar token length (sorted within each batch)."""
-    lengths = prompt_lengths(loaded, prompts, pending)
-    order = pending[np.argsort(lengths, kind="stable")]
+    """Pending example indices (sorted) grouped into batches of similar token length (sorted within each batch)."""
+    return [pending[pick] for pick in _length_batches(loaded, [prompts.prompts[i] for i in pending], batch_size)]
+
+
+def _length_batches(loaded: LoadedModel, items: Sequence[Prompt], batch_size: int) -> list[np.ndarray]:
+    """Positions in ``items`` grouped into batches of similar token length (sorted within each batch)."""
+    lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in items])["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
 def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], interventions: list[Intervention],
-          batch_size: int, store_dtype: str, progress: bool) -> None:
+          batch_size: int, store_dtype: str, progress: bool, cluster: Any, recipe: ModelRecipe | None) -> None:
+    """Extract the pending examples chunk by chunk, here or (``cluster``) one chunk a Dask task."""
     pending = writer.pending()
     if len(pending) == 0:
         return
     if len(pending) < len(prompts.prompts):
         log.info("resuming %s: %d of %d examples left", writer.group, len(pending), len(prompts.prompts))
-    label_tokens = np.array(tokens)
     bar = tqdm(total=len(prompts.prompts), initial=len(prompts.prompts) - len(pending), unit="prompt",
                desc=f"extract {writer.group}", disable=not progress)
-    for index in batches_by_length(loaded, prompts, pending, batch_size):
-        batch = [prompts.prompts[i] for i in index]
+    options = dict(tokens=tokens, interventions=interventions, batch_size=batch_size, store_dtype=store_dtype)
+    if cluster is None:
+        for index in shards(pending, writer.example_chunk):
+            fill_shard(loaded, writer, index, [prompts.prompts[i] for i in index], bar=bar, **options)
+    else:
+        run_on_cluster(cluster, recipe, writer, prompts.prompts, writer.example_chunk, fill_shard, options, bar)
+        consolidate(writer.path)
+    bar.close()
+
+
+def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, items: Sequence[Prompt], *,
+               tokens: list[int], interventions: list[Intervention], batch_size: int, store_dtype: str,
+               bar: Any = None) -> None:
+    """Extract ``items`` (the prompts of examples ``index``, all in one chunk) batch by batch into ``writer``."""
+    label_tokens = np.array(tokens)
+    for pick in _length_batches(loaded, items, batch_size):
+        batch = [items[j] for j in pick]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
         with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)):
             states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
         lens = logit_lens(loaded, states, tokens)
         labels = np.array([p.label for p in batch])
         predicted = logits.argmax(dim=-1).numpy()
-        writer.write(index, {
+        writer.write(index[pick], {
             "hidden": states.numpy().astype(store_dtype),
             "label": labels,
             "query_index": np.array([p.query_index for p in batch]),
@@ -223,8 +282,8 @@ def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], in
             "n_tokens": encoded.attention_mask.sum(dim=1).numpy(),
             **_stored_groups(encoded, writer.node),
         })
-        bar.update(len(index))
-    bar.close()
+        if bar is not None:
+            bar.update(len(pick))
 
 
 def _stored_groups(encoded: Encoded, node) -> dict[str, np.ndarray]:

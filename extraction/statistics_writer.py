@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from extraction.store import GroupWriter, consolidate
+from extraction.store import EXAMPLE_CHUNK, GroupWriter, consolidate
 from geometry.statistics import Accumulator, assign_blocks, stored_layout, stored_values
 
 KEEP = ("states", "statistics")
@@ -35,12 +35,13 @@ class StatisticsWriter(GroupWriter):
         self.accumulator = Accumulator(assign_blocks(np.asarray(labels), n_blocks), n_blocks, n_classes)
         self.remaining = len(self.pending()) if self.exists else len(labels)
 
-    def create(self, arrays: dict[str, tuple], static: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
+    def create(self, arrays: dict[str, tuple], static: dict[str, np.ndarray], attrs: dict[str, Any],
+               example_chunk: int = EXAMPLE_CHUNK) -> None:
         """Create the group with the statistics arrays in place of ``hidden``."""
         _, (_, layers, dim), _ = arrays["hidden"]
         layout = {name: spec for name, spec in arrays.items() if name != "hidden"}
         layout.update(stored_layout(layers, self.n_blocks, self.n_classes, dim))
-        super().create(layout, static, {**attrs, "keep": "statistics", "n_blocks": self.n_blocks})
+        super().create(layout, static, {**attrs, "keep": "statistics", "n_blocks": self.n_blocks}, example_chunk)
         self.remaining = len(self.pending())
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:

@@ -46,6 +46,9 @@ are stored as ``intervention<i>_<name>``), ``n_layers``, ``task``, ``shots``. Th
 options (``device``, ``device_map``, ``max_memory``, ``quantization``, ``attn_implementation``) and the module
 ``placement`` of a split model.
 Chunks hold whole layers: ``hidden`` is chunked (examples, 1, dim), so one layer reads without the others.
+Along ``example`` every array is chunked alike, ``example_chunk`` examples a chunk (default 512, attrs
+``example_chunk``): a run's batches never span two chunks, and a sharded run (:mod:`extraction.distributed`) gives
+each worker whole chunks, so no two processes ever write one chunk.
 """
 
 from __future__ import annotations
@@ -131,6 +134,15 @@ def open_group(path: str | Path, group: str) -> xr.Dataset:
     return dataset
 
 
+def stored_example_chunk(path: str | Path, group: str) -> int | None:
+    """Examples per chunk along ``example`` of an existing group (None when the store or the group is missing)."""
+    if not Path(path).exists():
+        return None
+    with reading(path):
+        root = open_root(path)
+        return root[group]["done"].chunks[0] if group in root and "done" in root[group] else None
+
+
 def canonical(config: dict[str, Any]) -> str:
     """A configuration as canonical JSON, so two runs' configurations compare by value."""
     return json.dumps(config, sort_keys=True, default=str)
@@ -151,7 +163,11 @@ class GroupWriter:
     """Creates a group's arrays up front and fills them batch by batch, so an interrupted run can resume.
 
     ``done`` is written after the other arrays of a batch, so an example counts as written only when all of it is.
+    When the last example is done the writer refreshes the consolidated metadata (unless ``consolidates`` is False:
+    a worker of a sharded run leaves that to the client).
     """
+
+    consolidates = True
 
     def __init__(self, path: str | Path, group: str, config: dict[str, Any], *, overwrite: bool = False):
         self.path, self.group, self.config = Path(path), group, config
@@ -182,12 +198,18 @@ class GroupWriter:
         """Indices of examples not yet written."""
         return np.flatnonzero(~self.node["done"][:])
 
+    @property
+    def example_chunk(self) -> int:
+        """Examples per chunk along ``example`` (every array alike)."""
+        return self.node["done"].chunks[0]
+
     def create(self, arrays: dict[str, tuple[tuple[str, ...], tuple[int, ...], str]], static: dict[str, np.ndarray],
-               attrs: dict[str, Any]) -> None:
-        """Create the group: ``arrays`` maps name to (dims, shape, dtype) filled later; ``static`` is written now."""
+               attrs: dict[str, Any], example_chunk: int = EXAMPLE_CHUNK) -> None:
+        """Create the group: ``arrays`` maps name to (dims, shape, dtype) filled later, chunked ``example_chunk``
+        examples along ``example``; ``static`` is written now."""
         node = self.root.create_group(self.group)
         for name, (dims, shape, dtype) in arrays.items():
-            chunks = tuple(min(EXAMPLE_CHUNK, s) if d == "example" else 1 if d == "layer" else s
+            chunks = tuple(min(example_chunk, s) if d == "example" else 1 if d == "layer" else s
                            for d, s in zip(dims, shape))
             fill = np.nan if np.dtype(dtype).kind == "f" else 0 if dtype != str else ""
             node.create_array(name, shape=shape, chunks=tuple(max(c, 1) for c in chunks), dtype=dtype,
@@ -197,7 +219,7 @@ class GroupWriter:
             array = node.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
                                       dimension_names=dims)
             array[...] = values
-        node.attrs.update({**attrs, "config": self.config})
+        node.attrs.update({**attrs, "config": self.config, "example_chunk": node["done"].chunks[0]})
         self.node = node
         consolidate(self.path)
 
@@ -207,10 +229,13 @@ class GroupWriter:
         for name, value in values.items():
             array = self.node[name]
             array.set_orthogonal_selection((index,) + (slice(None),) * (array.ndim - 1), np.asarray(value))
-        if not done:
-            return
+        if done:
+            self.mark_done(index)
+
+    def mark_done(self, index: np.ndarray) -> None:
+        """Mark the examples at ``index`` written (the resume marker)."""
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
-        if len(self.pending()) == 0:
+        if self.consolidates and len(self.pending()) == 0:
             consolidate(self.path)
 
     def set_attrs(self, **attrs: Any) -> None:

@@ -7,7 +7,8 @@ import json
 import time
 from pathlib import Path
 
-from extraction.cli import add_model_arguments, add_prompt_arguments, model_kwargs, prompt_kwargs
+from extraction.cli import (add_cluster_arguments, add_model_arguments, add_prompt_arguments, cluster_options,
+                            model_kwargs, prompt_kwargs)
 
 DESCRIPTION = """Attention heads behind in-context learning ([Y] Yang et al. 2025): previous-token (PTH) and
 induction (IH) head scores, head ablation, task-vector injection, and their effect on the query hidden states layer
@@ -127,8 +128,9 @@ def run_ablate(args: argparse.Namespace) -> int:
     if args.mode == "mean":
         means = head_means(loaded, **{**kwargs, "n": args.n_score}, batch_size=args.batch_size)
     ablation = HeadAblation(heads, args.mode, means, origin={"set": args.set if named else "custom"})
-    dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
-                      intervention=ablation, **kwargs)
+    with cluster_options(args) as cluster:
+        dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
+                          intervention=ablation, **cluster, **kwargs)
     _print({"store": args.store, "group": setting, "heads": heads, **accuracy(dataset)})
     return 0
 
@@ -149,8 +151,9 @@ def run_inject(args: argparse.Namespace) -> int:
     origin = {"vector": f"{args.vector} task vector", "space": VECTOR_SPACE, "heads": [list(h) for h in heads],
               "reference": {"shots": args.shots, "n": args.n_score, "seed": args.seed}}
     injection = Injection(vector, layer, origin=origin)
-    dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
-                      intervention=injection, **{**kwargs, "shots": 0})
+    with cluster_options(args) as cluster:
+        dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
+                          intervention=injection, **cluster, **{**kwargs, "shots": 0})
     _print({"store": args.store, "group": setting, "layer": layer, "heads": heads,
             "vector_norm": float(vector.norm()), **accuracy(dataset)})
     return 0
@@ -178,10 +181,12 @@ def run_study(args: argparse.Namespace) -> int:
     from heads.pipeline import study
 
     kwargs = prompt_kwargs(args)
-    result = study(_load(args), args.store, fraction=args.fraction, k=args.k, overlap=args.overlap,
-                   n_score=args.n_score, pth_first_pair=args.pth_first_pair, mode=args.mode,
-                   measures=not args.no_measures, n_boot=args.n_boot,
-                   batch_size=args.batch_size, progress=not args.quiet, **kwargs)
+    loaded = _load(args)
+    with cluster_options(args) as cluster:
+        result = study(loaded, args.store, fraction=args.fraction, k=args.k, overlap=args.overlap,
+                       n_score=args.n_score, pth_first_pair=args.pth_first_pair, mode=args.mode,
+                       measures=not args.no_measures, n_boot=args.n_boot,
+                       batch_size=args.batch_size, progress=not args.quiet, cluster=cluster, **kwargs)
     summary = result.summary()
     if args.figures:
         folder = Path(args.figures)
@@ -241,6 +246,7 @@ def register(subparsers) -> None:
     ablate_parser.add_argument("--setting", default=None, help="group name (default ablate_<set>)")
     ablate_parser.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
     _selection_arguments(ablate_parser)
+    add_cluster_arguments(ablate_parser)
 
     inject_parser = _add(commands, "inject", "extract zero-shot states with a task vector injected", run_inject)
     inject_parser.add_argument("--vector", required=True,
@@ -250,6 +256,7 @@ def register(subparsers) -> None:
     inject_parser.add_argument("--setting", default=None, help="group name (default inject_<vector>)")
     inject_parser.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
     _selection_arguments(inject_parser)
+    add_cluster_arguments(inject_parser)
 
     sweep_parser = _add(commands, "sweep", "zero-ablate each head alone and measure the label logits", run_sweep,
                         store=False)
@@ -265,3 +272,4 @@ def register(subparsers) -> None:
                               help="bootstrap resamples of the measures (default 200)")
     study_parser.add_argument("--figures", default=None, metavar="DIR", help="write figures and CSV tables here")
     study_parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cluster_arguments(study_parser)

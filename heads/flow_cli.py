@@ -8,7 +8,8 @@ import re
 import time
 from pathlib import Path
 
-from extraction.cli import add_model_arguments, add_prompt_arguments, model_kwargs, prompt_kwargs
+from extraction.cli import (add_cluster_arguments, add_model_arguments, add_prompt_arguments, cluster_options,
+                            model_kwargs, prompt_kwargs)
 
 DESCRIPTION = """Information flow between the positions of a few-shot prompt ([B] Bakalova et al.): block the
 attention from one position group to another (pre-softmax score -inf, the rest renormalised) in a window of
@@ -113,8 +114,10 @@ def run_knockout(args: argparse.Namespace) -> int:
     group = args.setting or knockout_group(args.edge, blocks)
     kwargs = dict(batch_size=args.batch_size, progress=not args.quiet, **prompt_kwargs(args))
     # The knockout first: an edge with no positions in these prompts fails before anything else is written.
-    blocked = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=knockout, **kwargs)
-    clean = extract(loaded, args.store, setting=args.baseline, **kwargs)
+    with cluster_options(args) as cluster:
+        blocked = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=knockout,
+                          **cluster, **kwargs)
+        clean = extract(loaded, args.store, setting=args.baseline, **cluster, **kwargs)
     changes = change_frame(measure(blocked, group, n_boot=args.n_boot, progress=not args.quiet),
                            measure(clean, args.baseline, n_boot=args.n_boot, progress=not args.quiet),
                            group, args.baseline)
@@ -167,3 +170,4 @@ def register(subparsers) -> None:
     knockout.add_argument("--baseline", default="icl", help="clean group to compare with (default icl)")
     knockout.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
     knockout.add_argument("--out", default=None, metavar="CSV", help="write the measure changes here")
+    add_cluster_arguments(knockout)

@@ -172,6 +172,7 @@ def study(
     batch_size: int = 8,
     groups: dict[str, str] | None = None,
     progress: bool = True,
+    cluster: dict[str, Any] | None = None,
     **prompt_options: Any,
 ) -> HeadStudy:
     """Run [Y]'s heads study on ``task`` and return a :class:`HeadStudy` (see the module docstring for the groups).
@@ -181,7 +182,8 @@ def study(
     vectors come from the same ``n_score`` ``shots``-shot prompts. With ``measures`` every group is measured with
     ``geometry.measure`` (``n_boot`` resamples) and the changes against each baseline are tabulated.
     ``prompt_options`` are ``extraction.extract``'s prompt settings (template, separator, ...); ``pth_first_pair``
-    is :func:`heads.score`'s.
+    is :func:`heads.score`'s. ``cluster`` (``extract``'s ``client``, ``workers``, ``example_chunk``) shards every
+    group's extraction over Dask; scoring, head means and task vectors run here.
     """
     store = Path(store)
     names = _group_names(groups)
@@ -191,7 +193,8 @@ def study(
         check_state_index(arch, layer)
     if mode not in MODES:
         raise HeadsError(f"unknown ablation mode {mode!r}; use one of {', '.join(MODES)}")
-    common = dict(task=task, n=n, seed=seed, batch_size=batch_size, progress=progress, **prompt_options)
+    common = dict(task=task, n=n, seed=seed, batch_size=batch_size, progress=progress, **(cluster or {}),
+                  **prompt_options)
     reference = dict(task=task, shots=shots, n=n_score, seed=seed, batch_size=batch_size, progress=progress,
                      **prompt_options)
     extract(loaded, store, shots=shots, setting=names["icl"], **common)

@@ -19,6 +19,10 @@ Example ``study.toml``::
 
     [heads]
     fraction = 0.1
+
+    [cluster]                  # optional: shard every extraction over Dask (pip install 'icl-geometry[dask]')
+    workers = 4                # a local cluster of 4 single-threaded worker processes, or
+    # scheduler = "tcp://head-node:8786"
 """
 
 from __future__ import annotations
@@ -118,6 +122,16 @@ class FlowSection:
 
 
 @dataclass
+class ClusterSection:
+    """Where the study's extractions run (``extract(client=, workers=, example_chunk=)``); left out of the
+    fingerprint, since the stores are the same wherever they are computed."""
+
+    scheduler: str = ""  #: address of a running Dask scheduler, e.g. "tcp://head-node:8786"; empty: none
+    workers: int = 0  #: a local cluster of this many single-threaded worker processes; 0: none (one process)
+    example_chunk: int = 0  #: examples per store chunk along example, one shard each; 0: the default (512)
+
+
+@dataclass
 class StudyConfig:
     """The whole study: one section per stage family."""
 
@@ -126,13 +140,14 @@ class StudyConfig:
     geometry: GeometrySection = field(default_factory=GeometrySection)
     heads: HeadsSection = field(default_factory=HeadsSection)
     flow: FlowSection = field(default_factory=FlowSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        """A stable text of the whole configuration (finished stages are tied to it)."""
-        return json.dumps(self.to_dict(), sort_keys=True)
+        """A stable text of the configuration (finished stages are tied to it), where the run happens left out."""
+        return json.dumps({k: v for k, v in self.to_dict().items() if k != "cluster"}, sort_keys=True)
 
     @property
     def k_values(self) -> list[int]:
@@ -223,6 +238,11 @@ def _validate(config: StudyConfig) -> StudyConfig:
     if not 0 <= config.geometry.min_rise < float("inf"):
         raise ConfigError(f"geometry.min_rise must be a finite number >= 0, not {config.geometry.min_rise}")
     _check_model_options(config.model)
+    cluster = config.cluster
+    if cluster.scheduler and cluster.workers:
+        raise ConfigError("[cluster] takes scheduler or workers, not both")
+    if min(cluster.workers, cluster.example_chunk) < 0:
+        raise ConfigError("cluster.workers and cluster.example_chunk must be >= 0 (0: not set)")
     unknown_edges = sorted(set(config.flow.edges) - set(_all_edges()))
     if unknown_edges or not config.flow.edges:
         raise ConfigError(f"flow.edges: {unknown_edges or 'empty'}; choose from {', '.join(_all_edges())}")

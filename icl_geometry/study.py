@@ -18,8 +18,9 @@ import dataclasses
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -49,6 +50,8 @@ class Study:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.manifest = Manifest(self.folder, config.fingerprint(), restart=restart)
         self._loaded = None
+        self._client: Any = None
+        self._exits = ExitStack()
 
     # -- paths and shared state ---------------------------------------------------------------------------------
     @property
@@ -80,6 +83,17 @@ class Study:
             self._loaded = load_model(None if model.spec == "default" else model.spec, **model.load_options())
         return self._loaded
 
+    @property
+    def cluster(self) -> dict[str, Any]:
+        """``extract``'s cluster options from ``[cluster]``: the study's one Dask client (connected, or its local
+        cluster started, on first use and closed when :meth:`run` ends) and the chunk along ``example``."""
+        cluster = self.config.cluster
+        if self._client is None and (cluster.scheduler or cluster.workers):
+            from extraction.distributed import connected
+
+            self._client = self._exits.enter_context(connected(cluster.scheduler or None, cluster.workers or None))
+        return dict(client=self._client, example_chunk=cluster.example_chunk or None)
+
     def prompt_options(self) -> dict:
         data = self.config.data
         return dict(separator=data.separator, sampling=data.sampling, label_mode=data.label_mode)
@@ -90,7 +104,8 @@ class Study:
 
         data = self.config.data
         extract(self.loaded, self.store(task), task=task, shots=k, n=data.n, seed=data.seed, setting=group,
-                batch_size=self.config.model.batch_size, progress=self.progress, **self.prompt_options())
+                batch_size=self.config.model.batch_size, progress=self.progress, **self.cluster,
+                **self.prompt_options())
 
     def _heads(self, task: str) -> None:
         import heads
@@ -101,7 +116,8 @@ class Study:
             self.loaded, self.store(task), task=task, shots=settings.shots, n=self.config.data.n,
             seed=self.config.data.seed, fraction=settings.fraction, n_score=settings.n_score,
             pth_first_pair=settings.pth_first_pair, mode=settings.mode,
-            batch_size=self.config.model.batch_size, measures=False, progress=self.progress, **self.prompt_options(),
+            batch_size=self.config.model.batch_size, measures=False, progress=self.progress, cluster=self.cluster,
+            **self.prompt_options(),
         )
         self._write_part("head_scores", task, result.scores.to_dataframe().reset_index())
         self._write_part("head_sets", task, pd.DataFrame([
@@ -274,7 +290,9 @@ class Study:
         if any(stage.name not in self.manifest.done for stage in self.stages()):
             self.check_data()
         stages = [dataclasses.replace(stage, run=self._replacing_clashes(stage.run)) for stage in self.stages()]
-        run_stages(stages, self.manifest, progress=self.progress)
+        with self._exits:
+            run_stages(stages, self.manifest, progress=self.progress)
+        self._client = None
         log.info("study finished in %.0f s", time.perf_counter() - started)
         return self.folder / "report.html"
 

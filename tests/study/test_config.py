@@ -61,6 +61,8 @@ def test_quick_builds_on_the_quick_defaults(tmp_path):
     ("[data]\nshots = [0]\n[heads]\nenabled = false", "no k > 0"),
     ("data = 3", "[data] must be a table"),
     ("[data\nn = 3", "cannot be parsed"),
+    ("[cluster]\nscheduler = \"tcp://h:8786\"\nworkers = 2", "[cluster] takes scheduler or workers, not both"),
+    ("[cluster]\nworkers = -1", "cluster.workers and cluster.example_chunk must be >= 0"),
 ])
 def test_bad_config_is_rejected_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
