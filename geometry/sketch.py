@@ -1,0 +1,129 @@
+"""Low-rank sufficient statistics: a rank-r sketch of each unit's second moment, for wide models and many blocks.
+
+The full statistics of :mod:`geometry.statistics` keep a d x d second moment per (block, class) unit and layer; for
+d = 4,096 that is 134 MB a unit. A *sketch* keeps, per unit and layer, the count n, the mean μ (of the shifted
+states), a factor F (r x d) with M ≈ FᵀF (the top-r principal directions scaled by the square roots of their
+second moments) and the residual trace ρ = tr M - |F|², the second moment the factor leaves out, so the sketch
+costs r x d a unit and the total variance is kept exactly.
+
+Streaming update (incremental PCA): a chunk's rows of a unit, centred on their mean μ_b, are stacked under the
+unit's factor together with the between-means row sqrt(n_a n_b / n) (μ_b - μ_a) (Chan et al.'s merge, as in
+:func:`geometry.statistics.merge`); the stack's top-r right singular directions become the new factor and the
+energy of the others moves into ρ. While a unit's second moment has rank <= r (e.g. blocks of at most r + 1
+queries, or d <= r) nothing is dropped and the sketch is exact.
+
+Reading (:func:`read_layer`): one layer's sketches are expressed in an orthonormal basis of the span of all unit
+means, factors and label rows (at most units x (r + 1) + classes directions), giving ordinary
+:class:`geometry.statistics.Moments` there with the residuals attached, and the measures of
+:mod:`geometry.statistics` run on them unchanged:
+
+* count, mean and trace are exact, so output alignment is exact and the normalisation of variance alignment
+  includes every direction;
+* variance, mean and composite alignment read the second moment along the label-pair direction from the factors:
+  exact when ρ = 0, otherwise missing the dropped variance along that direction (approximate);
+* singular alignment takes the top eigenvectors of the sketched covariance (approximate when ρ > 0: good when the
+  top of the spectrum is captured, i.e. r well above 2);
+* effective dimension tr(M)² / tr(M²) has its numerator exact and spreads ρ evenly over the directions outside
+  the basis for the denominator (approximate when ρ > 0: an upper value if the residual lies outside the basis,
+  where an even spread is the flattest spectrum it can have).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from geometry.kernels import RANK_TOLERANCE
+from geometry.statistics import Accumulator, Moments
+
+#: Arrays of a low-rank statistics group: name -> dims (``rank``: the sketch's factor rows).
+STORED = {
+    "stat_count": ("layer", "resample_block", "class"),
+    "stat_mean": ("layer", "resample_block", "class", "dim"),
+    "stat_factor": ("layer", "resample_block", "class", "rank", "dim"),
+    "stat_residual": ("layer", "resample_block", "class"),
+    "stat_shift": ("layer", "dim"),
+}
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """Counts (..., G, m), means (..., G, m, d), factors (..., G, m, r, d) and residual traces (..., G, m) of
+    every (block, class) unit; leading axes (e.g. ``layer``) are carried through unchanged."""
+
+    count: np.ndarray
+    mean: np.ndarray
+    factor: np.ndarray
+    residual: np.ndarray
+
+
+def truncate(stack: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``rank`` factor (L, rank, d) of stacked rows (L, k, d), so that stackᵀstack ≈ factorᵀfactor, and the
+    dropped energy (L,) (the squared singular values past ``rank``)."""
+    _, singular, vt = np.linalg.svd(stack, full_matrices=False)
+    kept = min(rank, singular.shape[1])
+    factor = np.zeros((stack.shape[0], rank, stack.shape[2]))
+    factor[:, :kept] = singular[:, :kept, None] * vt[:, :kept]
+    return factor, (singular[:, kept:] ** 2).sum(axis=1)
+
+
+class SketchAccumulator(Accumulator):
+    """:class:`geometry.statistics.Accumulator` keeping a rank-``rank`` sketch per unit (see the module doc)."""
+
+    def __init__(self, blocks: np.ndarray, n_blocks: int, n_classes: int, rank: int):
+        super().__init__(blocks, n_blocks, n_classes)
+        self.rank = rank
+
+    def empty(self, n_layers: int, dim: int) -> Sketch:
+        shape = (n_layers, self.n_blocks, self.n_classes)
+        return Sketch(np.zeros(shape), np.zeros((*shape, dim)), np.zeros((*shape, self.rank, dim)),
+                      np.zeros(shape))
+
+    def fold(self, g: int, c: int, rows: np.ndarray) -> None:
+        total = self.moments
+        n_a, n_b = total.count[:, g, c], float(len(rows))
+        n = n_a + n_b
+        mean_b = rows.mean(axis=0)
+        delta = mean_b - total.mean[:, g, c]
+        between = np.sqrt(n_a * n_b / n)[:, None, None] * delta[:, None, :]
+        stack = np.concatenate([total.factor[:, g, c], (rows - mean_b).transpose(1, 0, 2), between], axis=1)
+        total.factor[:, g, c], dropped = truncate(stack, self.rank)
+        total.residual[:, g, c] += dropped
+        total.mean[:, g, c] += delta * (n_b / n)[:, None]
+        total.count[:, g, c] = n
+
+    def layout(self, n_layers: int, dim: int) -> dict[str, tuple]:
+        sizes = {"layer": n_layers, "resample_block": self.n_blocks, "class": self.n_classes, "rank": self.rank,
+                 "dim": dim}
+        return {name: (dims, tuple(sizes[d] for d in dims), "float64") for name, dims in STORED.items()}
+
+    def values(self) -> dict[str, np.ndarray]:
+        sketch = self.moments
+        return {"stat_count": sketch.count, "stat_mean": sketch.mean, "stat_factor": sketch.factor,
+                "stat_residual": sketch.residual, "stat_shift": self.shift}
+
+
+def in_basis(sketch: Sketch, label_rows: np.ndarray | None) -> tuple[Moments, np.ndarray | None]:
+    """One layer's sketch (units (G, m)) as :class:`Moments` in an orthonormal basis of the span of its means,
+    factors and ``label_rows`` (m, d), with the residual traces attached; and the label rows in that basis."""
+    dim = sketch.mean.shape[-1]
+    spanning = [sketch.mean.reshape(-1, dim), sketch.factor.reshape(-1, dim)]
+    if label_rows is not None:
+        spanning.append(np.asarray(label_rows, dtype=np.float64))
+    _, singular, vt = np.linalg.svd(np.concatenate(spanning), full_matrices=False)
+    basis = vt[singular > max(RANK_TOLERANCE * singular[:1].max(initial=0.0), 0.0)]
+    factor = sketch.factor @ basis.T  # (G, m, r, k)
+    m2 = np.einsum("gcri,gcrj->gcij", factor, factor)
+    moments = Moments(sketch.count, sketch.mean @ basis.T, m2, residual=sketch.residual,
+                      outside=dim - len(basis))
+    return moments, None if label_rows is None else label_rows @ basis.T
+
+
+def read_layer(ds: Any, layer: int, label_rows: np.ndarray | None) -> tuple[Moments, np.ndarray | None]:
+    """One layer's moments (and label rows) from a low-rank statistics group (an xarray Dataset)."""
+    one = ds[["stat_count", "stat_mean", "stat_factor", "stat_residual"]].sel(layer=layer)
+    sketch = Sketch(one["stat_count"].values, one["stat_mean"].values, one["stat_factor"].values,
+                    one["stat_residual"].values)
+    return in_basis(sketch, label_rows)
