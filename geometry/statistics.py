@@ -109,7 +109,8 @@ def row_moments(rows: np.ndarray) -> Moments:
     """The moments (leading axis: layer) of one unit's rows (n_u, L, d)."""
     mean = rows.mean(axis=0)
     centred = rows - mean
-    return Moments(np.full(rows.shape[1], float(len(rows))), mean, np.einsum("nli,nlj->lij", centred, centred))
+    by_layer = centred.transpose(1, 0, 2)  # (L, n_u, d): one matrix product per layer
+    return Moments(np.full(rows.shape[1], float(len(rows))), mean, by_layer.transpose(0, 2, 1) @ by_layer)
 
 
 def _units(X: np.ndarray, labels: np.ndarray, blocks: np.ndarray) -> Iterator[tuple[int, int, Moments]]:
