@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from extraction.store import GroupWriter, consolidate
-from geometry.sketch import SketchAccumulator
+from geometry.sketch import ANCHOR_ROWS, SketchAccumulator, orthonormal_rows
 from geometry.statistics import Accumulator, assign_blocks
 
 KEEP = ("states", "statistics")
@@ -43,6 +43,7 @@ class StatisticsWriter(GroupWriter):
     def create(self, arrays: dict[str, tuple], static: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
         """Create the group with the statistics arrays in place of ``hidden``."""
         _, (_, layers, dim), _ = arrays["hidden"]
+        self._anchor({name: value for name, (_, value) in static.items()})
         layout = {name: spec for name, spec in arrays.items() if name != "hidden"}
         layout.update(self.accumulator.layout(layers, dim))
         super().create(layout, static, {**attrs, "keep": "statistics", "n_blocks": self.n_blocks,
@@ -52,6 +53,7 @@ class StatisticsWriter(GroupWriter):
     def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
         """Fold the batch's states into the moments, write its other arrays; on the last batch, the statistics."""
         rest = {name: value for name, value in values.items() if name != "hidden"}
+        self._anchor(self.node)
         self.accumulator.add(index, values["hidden"], np.asarray(values["label"]))
         super().write(index, rest, done=False)
         self.remaining -= len(index)
@@ -60,3 +62,9 @@ class StatisticsWriter(GroupWriter):
                 self.node[name][...] = value
             self.node["done"][...] = True
             consolidate(self.path)
+
+    def _anchor(self, arrays: Any) -> None:
+        """Give a low-rank accumulator its anchors, the label rows among ``arrays`` (static arrays or the group)."""
+        if self.rank is not None and self.accumulator.anchor is None:
+            rows = [np.asarray(arrays[name][...], dtype=np.float64) for name in ANCHOR_ROWS if name in arrays]
+            self.accumulator.anchor = orthonormal_rows(np.concatenate(rows)) if rows else None
