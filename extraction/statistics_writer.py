@@ -5,8 +5,9 @@ The writer folds each batch's query states into the (block, class) moments of :m
 them) and writes every other per-example array (labels, predictions, lens tokens ...) as usual. So a run's memory
 and store size are fixed in the number of prompts: layers x ``n_blocks`` x classes x d² float64 (Gemma 3 270M,
 16 blocks, 2 classes: 19 x 16 x 2 x 640² x 8 B = 2 GB; choose fewer blocks for larger models). With a ``rank`` r,
-each unit keeps a rank-r sketch of its second moment instead (:mod:`geometry.sketch`: r x d per unit, the dropped
-variance kept as a residual trace; a 7B model, d = 4,096, r = 32, 33 layers x 16 x 2 units: 1.1 GB).
+each unit keeps a rank-r sketch of its second moment instead (:mod:`geometry.sketch`: (r + k) x d per unit, exact
+along the k <= 2 x classes label rows, the dropped variance kept as a residual trace; a 7B model, d = 4,096,
+r = 32, 2 classes, 33 layers x 16 x 2 units: 1.2 GB).
 
 The statistics arrays (``stat_count``, ``stat_mean``, ``stat_m2``, ``stat_shift``; see
 :data:`geometry.statistics.STORED`) are written when the last example is in, and only then are the examples marked

@@ -3,29 +3,35 @@
 The full statistics of :mod:`geometry.statistics` keep a d x d second moment per (block, class) unit and layer; for
 d = 4,096 that is 134 MB a unit. A *sketch* keeps, per unit and layer, the count n, the mean μ (of the shifted
 states), a factor F (r x d) with M ≈ FᵀF (the top-r principal directions scaled by the square roots of their
-second moments) and the residual trace ρ = tr M - |F|², the second moment the factor leaves out, so the sketch
-costs r x d a unit and the total variance is kept exactly.
+second moments), the residual trace ρ = tr M - |F|² (so the total variance is kept exactly) and, exactly, the
+products M Aᵀ (d x k) with an orthonormal basis A of the label rows' span (the *anchors*: the ``unembed`` and
+``lens_unembed`` rows, k <= 2 x classes). A sketch costs (r + k) x d a unit.
 
 Streaming update (incremental PCA): a chunk's rows of a unit, centred on their mean μ_b, are stacked under the
 unit's factor together with the between-means row sqrt(n_a n_b / n) (μ_b - μ_a) (Chan et al.'s merge, as in
 :func:`geometry.statistics.merge`); the stack's top-r right singular directions become the new factor and the
-energy of the others moves into ρ. While a unit's second moment has rank <= r (e.g. blocks of at most r + 1
-queries, or d <= r) nothing is dropped and the sketch is exact.
+energy of the others moves into ρ. M Aᵀ is merged exactly by the same update. While a unit's second moment has
+rank <= r (e.g. blocks of at most r + 1 queries, or d <= r) nothing is dropped and the sketch is exact.
 
-Reading (:func:`read_layer`): one layer's sketches are expressed in an orthonormal basis of the span of all unit
-means, factors and label rows (at most units x (r + 1) + classes directions), giving ordinary
-:class:`geometry.statistics.Moments` there with the residuals attached, and the measures of
+Reading (:func:`in_basis`): the second moment is taken as M̃ = P FᵀF P + (MAᵀ)A + Aᵀ(AM) - Aᵀ(AMAᵀ)A with
+P = I - AᵀA, exact on and across the anchor span, and expressed with the means in an orthonormal basis of their
+joint span (at most units x (r + k + 1) + classes directions), giving ordinary
+:class:`geometry.statistics.Moments` with the residuals tr M - tr M̃ attached; the measures of
 :mod:`geometry.statistics` run on them unchanged:
 
 * count, mean and trace are exact, so output alignment is exact and the normalisation of variance alignment
   includes every direction;
-* variance, mean and composite alignment read the second moment along the label-pair direction from the factors:
-  exact when ρ = 0, otherwise missing the dropped variance along that direction (approximate);
-* singular alignment takes the top eigenvectors of the sketched covariance (approximate when ρ > 0: good when the
-  top of the spectrum is captured, i.e. r well above 2);
-* effective dimension tr(M)² / tr(M²) has its numerator exact and spreads ρ evenly over the directions outside
-  the basis for the denominator (approximate when ρ > 0: an upper value if the residual lies outside the basis,
-  where an even spread is the flattest spectrum it can have).
+* variance, mean and composite alignment need the second moment only along label-pair directions, which lie in
+  the anchor span: exact at any rank;
+* singular alignment takes the top eigenvectors of M̃ (approximate when ρ > 0: good when the top of the spectrum
+  is captured, i.e. r well above 2);
+* effective dimension tr(M)² / tr(M²) has its numerator exact and spreads the residual evenly over the
+  directions outside the basis for the denominator (approximate when ρ > 0: an upper value if the residual lies
+  outside the basis, where an even spread is the flattest spectrum it can have).
+
+Tested (``tests/geometry/test_statistics_sketch.py``): equal to the full moments to 1e-6 when nothing is dropped;
+on a decaying spectrum with 5% of the trace dropped, the alignments to 1e-6 and singular alignment and effective
+dimension to 1%.
 """
 
 from __future__ import annotations
