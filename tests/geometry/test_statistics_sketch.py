@@ -126,3 +126,24 @@ def test_statistics_rank_is_checked(tiny_gemma, tmp_path, rank):
 
     with pytest.raises(StoreError, match="statistics_rank must be an integer >= 1"):
         extract(tiny_gemma, tmp_path / "s.zarr", n=4, keep="statistics", statistics_rank=rank, progress=False)
+
+
+def test_an_interrupted_low_rank_run_reruns_to_the_same_sketch(tiny_gemma, tmp_path, monkeypatch):
+    """The rerun finds the group created and takes its anchors from the stored label rows."""
+    from extraction.extractor import extract
+
+    kwargs = dict(task="sentiment", shots=2, n=16, batch_size=4, keep="statistics", statistics_blocks=2,
+                  statistics_rank=3, progress=False)
+    clean = extract(tiny_gemma, tmp_path / "clean.zarr", **kwargs)
+    original = SketchAccumulator.fold
+
+    def failing(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SketchAccumulator, "fold", failing)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tiny_gemma, tmp_path / "cut.zarr", **kwargs)
+    monkeypatch.setattr(SketchAccumulator, "fold", original)
+    resumed = extract(tiny_gemma, tmp_path / "cut.zarr", **kwargs)
+    for name in ("stat_count", "stat_mean", "stat_factor", "stat_residual", "stat_cross", "stat_anchor"):
+        np.testing.assert_allclose(resumed[name].values, clean[name].values, rtol=1e-10, atol=1e-10)
