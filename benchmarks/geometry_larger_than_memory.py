@@ -1,7 +1,8 @@
 """Benchmark: geometry of a store 4x larger than the workers' memory limit, against the in-memory path on one that fits.
 
-Stores as in ``benchmarks/geometry_statistics.py`` (``LAYERS`` x ``DIM`` float32 states, 2 classes, written chunk by
-chunk). Each measurement runs in a fresh child process (the cheap measures, ``N_BOOT`` resamples):
+Stores as written by ``benchmarks/geometry_statistics.py`` (``LAYERS`` x ``DIM`` float32 states, 2 classes, written
+chunk by chunk; narrower than there, so that a chunk's statistics stay small next to the workers' limit). Each
+measurement runs in a fresh child process (the cheap measures, ``N_BOOT`` resamples):
 
 - ``in_memory``: ``measure(engine="states")`` (one whole layer in memory at a time) on a store of ``N`` examples;
 - ``cluster_small``: ``measure(engine="statistics")`` on a ``LocalCluster`` of 2 single-threaded worker processes,
@@ -27,7 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
-from benchmarks.geometry_statistics import DIM, LAYERS, MEASURES, N, N_BOOT, write_store  # noqa: E402
+from benchmarks.geometry_statistics import MEASURES, N_BOOT, write_store  # noqa: E402
+
+LAYERS, DIM, N = 4, 64, 8_000
 
 
 def _peak_mib() -> float:
@@ -76,8 +79,8 @@ def main(limit: str) -> None:
                     "threads_per_worker": 1, "load_average": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as folder:
         small, big = Path(folder) / "small.zarr", Path(folder) / "big.zarr"
-        write_store(small, N)
-        write_store(big, n_big)
+        write_store(small, N, layers=LAYERS, dim=DIM)
+        write_store(big, n_big, layers=LAYERS, dim=DIM)
         for mode, path, n in (("in_memory", small, N), ("cluster_small", small, N), ("cluster_big", big, n_big)):
             run = run_child(mode, path, limit)
             report[mode] = {"n": n, "store_mib": round(n * LAYERS * DIM * 4 / 2**20),

@@ -20,7 +20,8 @@ default set it is skipped with a logged warning, its values are NaN and the resu
 names it (``skip_reasons`` says why).
 
 ``engine="statistics"`` computes the measures from per-chunk sufficient statistics instead and never holds a layer
-(see :mod:`geometry.statistics_sweep`); everything above describes the default ``engine="states"``.
+(see :mod:`geometry.statistics_sweep`); everything above describes ``engine="states"``, the default for every
+group that holds states (``engine=None`` picks ``statistics`` for groups extracted with ``keep="statistics"``).
 
 Caveat: a resample repeats some queries, which lowers the rank of the resampled states, so when n is not much
 larger than d the effective dimension's interval lies below its value (the percentile bootstrap is biased for
