@@ -34,31 +34,31 @@ MEASURES = ["output_alignment", "singular_alignment", "variance_alignment", "mea
             "composite_alignment", "effective_dimension"]
 
 
-def write_store(path: Path, n: int, seed: int = 0) -> None:
+def write_store(path: Path, n: int, seed: int = 0, layers: int = LAYERS, dim: int = DIM) -> None:
     """A group ``g`` at ``path`` with n examples, written one chunk of examples at a time."""
     import zarr
 
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w")
     group = root.create_group("g")
-    hidden = group.create_array("hidden", shape=(n, LAYERS, DIM), chunks=(CHUNK, 1, DIM), dtype="float32",
+    hidden = group.create_array("hidden", shape=(n, layers, dim), chunks=(CHUNK, 1, dim), dtype="float32",
                                 dimension_names=("example", "layer", "dim"))
     label = group.create_array("label", shape=(n,), chunks=(CHUNK,), dtype="int32", dimension_names=("example",))
-    top = group.create_array("lens_top_token", shape=(n, LAYERS), chunks=(CHUNK, 1), dtype="int64",
+    top = group.create_array("lens_top_token", shape=(n, layers), chunks=(CHUNK, 1), dtype="int64",
                              dimension_names=("example", "layer"))
-    unembed = rng.normal(size=(2, DIM)).astype(np.float32)
+    unembed = rng.normal(size=(2, dim)).astype(np.float32)
     for name, dims, values in (("unembed", ("class", "dim"), unembed), ("label_token", ("class",), np.array([5, 6])),
-                               ("layer", ("layer",), np.arange(LAYERS)), ("class", ("class",), np.array([0, 1]))):
+                               ("layer", ("layer",), np.arange(layers)), ("class", ("class",), np.array([0, 1]))):
         group.create_array(name, shape=values.shape, dtype=values.dtype, dimension_names=dims)[...] = values
-    scale = (1.0 + np.arange(DIM)) ** -0.5
+    scale = (1.0 + np.arange(dim)) ** -0.5
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         y = np.arange(start, stop) % 2
-        states = rng.normal(size=(stop - start, LAYERS, DIM)) * scale
-        states += np.linspace(0, 1, LAYERS)[None, :, None] * unembed[y][:, None, :] + 10
+        states = rng.normal(size=(stop - start, layers, dim)) * scale
+        states += np.linspace(0, 1, layers)[None, :, None] * unembed[y][:, None, :] + 10
         hidden[start:stop] = states.astype(np.float32)
         label[start:stop] = y
-        top[start:stop] = np.where(rng.random((stop - start, LAYERS)) < 0.5, 5 + y[:, None], 0)
+        top[start:stop] = np.where(rng.random((stop - start, layers)) < 0.5, 5 + y[:, None], 0)
 
 
 def child(engine: str, path: str) -> None:

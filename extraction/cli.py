@@ -125,7 +125,9 @@ def run_extract(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, **model_kwargs(args))
     with cluster_options(args) as cluster:
         dataset = extract(loaded, args.out, setting=args.setting, batch_size=args.batch_size,
-                          store_dtype=args.store_dtype, overwrite=args.overwrite, **cluster, **prompt_kwargs(args))
+                          store_dtype=args.store_dtype, overwrite=args.overwrite, keep=args.keep,
+                          statistics_blocks=args.statistics_blocks, statistics_rank=args.statistics_rank,
+                          **cluster, **prompt_kwargs(args))
     print(json.dumps({"store": str(args.out), "group": dataset.attrs["setting"], **accuracy(dataset)}))
     return 0
 
@@ -146,4 +148,12 @@ def register(subparsers) -> None:
                        help="dtype of stored hidden states (default: float32)")
     group.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
     add_cluster_arguments(parser)
+    group.add_argument("--keep", default="states", choices=["states", "statistics"],
+                       help="states: every query state; statistics: per layer and class only their running count, "
+                            "mean and second moment (fixed size for any --n; default: states)")
+    group.add_argument("--statistics-blocks", type=int, default=16, metavar="G",
+                       help="with --keep statistics: blocks per class, the bootstrap's units (default: 16)")
+    group.add_argument("--statistics-rank", type=int, default=None, metavar="R",
+                       help="with --keep statistics: keep a rank-R sketch of each second moment instead of the full "
+                            "d x d one (default: full)")
     parser.set_defaults(func=run_extract)

@@ -107,6 +107,7 @@ def extract(
     progress: bool = True,
     keep: str = "states",
     statistics_blocks: int = 16,
+    statistics_rank: int | None = None,
     example_chunk: int | None = None,
     client: Any = None,
     workers: int | None = None,
@@ -123,7 +124,8 @@ def extract(
     ``keep="statistics"`` keeps, per layer and class (in ``statistics_blocks`` blocks, the bootstrap's units), the
     running count, mean and centred second moment of the query states instead of the states: fixed memory and
     store size for any number of prompts; measure the group with ``geometry.measure(..., engine="statistics")``
-    (see :mod:`extraction.statistics_writer`).
+    (see :mod:`extraction.statistics_writer`). ``statistics_rank`` r keeps a rank-r sketch of each second moment
+    instead of the full d x d one (exact while a unit's moment has rank <= r; see :mod:`geometry.sketch`).
 
     ``example_chunk`` is the store's chunk along ``example`` (default 512, capped at ``n``; a resumed group keeps
     its own): batches never span two chunks. ``client`` (a ``dask.distributed.Client`` or a scheduler address
@@ -164,7 +166,8 @@ def extract(
             n_workers = check_cluster(cluster, out, recipe)
             if stored_chunk is None:
                 check_chunking(n, chunk, n_workers)
-        writer = _writer(out, setting, config, overwrite, keep, statistics_blocks, prompts, len(tokens))
+        writer = _writer(out, setting, config, overwrite, keep, statistics_blocks, statistics_rank, prompts,
+                         len(tokens))
         if not writer.exists:
             static, lens_attrs = _static(loaded, prompts.label_words, tokens)
             writer.create(
@@ -197,7 +200,7 @@ def _example_chunk(n: int, example_chunk: int | None, stored: int | None, group:
 
 
 def _writer(out: str | Path, setting: str, config: dict, overwrite: bool, keep: str, blocks: int,
-            prompts: PromptSet, n_classes: int) -> GroupWriter:
+            rank: int | None, prompts: PromptSet, n_classes: int) -> GroupWriter:
     """The group's writer: every state stored, or (``keep="statistics"``) only their running statistics."""
     if keep not in KEEP:
         raise StoreError(f"keep must be one of {', '.join(KEEP)}, not {keep!r}")
@@ -205,9 +208,12 @@ def _writer(out: str | Path, setting: str, config: dict, overwrite: bool, keep: 
         return GroupWriter(out, setting, config, overwrite=overwrite)
     if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
         raise StoreError(f"statistics_blocks must be an integer >= 1, not {blocks!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise StoreError(f"statistics_rank must be an integer >= 1 or None (full moments), not {rank!r}")
     labels = np.array([p.label for p in prompts.prompts])
-    return StatisticsWriter(out, setting, {**config, "keep": keep, "statistics_blocks": blocks}, labels=labels,
-                            n_classes=n_classes, n_blocks=blocks, overwrite=overwrite)
+    settings = {"keep": keep, "statistics_blocks": blocks, **({} if rank is None else {"statistics_rank": rank})}
+    return StatisticsWriter(out, setting, {**config, **settings}, labels=labels, n_classes=n_classes,
+                            n_blocks=blocks, rank=rank, overwrite=overwrite)
 
 
 def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray) -> np.ndarray:

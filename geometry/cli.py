@@ -50,7 +50,7 @@ def _default_out(store: str, suffix: str) -> Path:
 
 def _sweep_kwargs(args: argparse.Namespace) -> dict:
     return dict(n_boot=args.n_boot, seed=args.seed, rank=args.rank, measures=args.measures,
-                normalize_variance=not args.raw_variance)
+                normalize_variance=not args.raw_variance, engine=args.engine)
 
 
 def run_measure(args: argparse.Namespace) -> int:
@@ -93,6 +93,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="bootstrap resamples for the 95%% CIs; 0 skips them (default: 1000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the resamples and the probe split (default: 0)")
     parser.add_argument("--rank", type=int, default=10, help="rank of the denoising reconstruction (default: 10)")
+    parser.add_argument("--engine", default=None, choices=["states", "statistics"],
+                        help="states: each layer in memory; statistics: chunked sufficient statistics, for stores "
+                             "larger than memory (default: statistics for groups extracted with --keep statistics, "
+                             "else states)")
     parser.add_argument("--raw-variance", action="store_true",
                         help="variance alignment as d^T (H^T H / n) d on centred states ([Y]'s appendix) instead of "
                              "the share of variance along d (default)")

@@ -25,7 +25,8 @@ blocks it resamples blocks of i.i.d. queries, which estimates the same spread wi
 
 Memory: units x d² float64 per layer (``n_blocks`` x classes x d² x 8 bytes), whatever the number of examples;
 each Dask chunk task holds one such set too (d = 4,096, 16 blocks, 2 classes: 4.3 GB), so lower ``n_blocks`` for
-wide models (the full d x d moments are kept; a low-rank form is not built).
+wide models, or keep rank-r sketches instead (:mod:`geometry.sketch`, written by ``extract(..., keep="statistics",
+statistics_rank=r)``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,15 @@ class Moments:
     count: np.ndarray
     mean: np.ndarray
     m2: np.ndarray
+    #: Per unit (..., G, m): second-moment trace the moments leave out (a low-rank sketch's dropped variance, see
+    #: :mod:`geometry.sketch`), modelled as spread evenly over ``outside`` directions orthogonal to ``m2``'s space.
+    residual: np.ndarray | None = None
+    outside: int = 0
+
+    @property
+    def dropped(self) -> np.ndarray:
+        """The residual trace of every unit (zeros for exact moments)."""
+        return np.zeros(self.count.shape) if self.residual is None else self.residual
 
     @classmethod
     def zeros(cls, lead: tuple[int, ...], n_blocks: int, n_classes: int, dim: int) -> "Moments":
@@ -89,14 +99,24 @@ def assign_blocks(labels: np.ndarray, n_blocks: int) -> np.ndarray:
     return blocks
 
 
+def unit_rows(X: np.ndarray, labels: np.ndarray, blocks: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+    """The rows (n_u, L, d) of each (block, class) unit present in states ``X`` (n, L, d)."""
+    for g, c in sorted(set(zip(blocks.tolist(), labels.tolist()))):
+        yield g, c, X[(blocks == g) & (labels == c)]
+
+
+def row_moments(rows: np.ndarray) -> Moments:
+    """The moments (leading axis: layer) of one unit's rows (n_u, L, d)."""
+    mean = rows.mean(axis=0)
+    centred = rows - mean
+    by_layer = centred.transpose(1, 0, 2)  # (L, n_u, d): one matrix product per layer
+    return Moments(np.full(rows.shape[1], float(len(rows))), mean, by_layer.transpose(0, 2, 1) @ by_layer)
+
+
 def _units(X: np.ndarray, labels: np.ndarray, blocks: np.ndarray) -> Iterator[tuple[int, int, Moments]]:
     """The moments (leading axis: layer) of each (block, class) unit present in shifted states ``X`` (n, L, d)."""
-    for g, c in sorted(set(zip(blocks.tolist(), labels.tolist()))):
-        rows = X[(blocks == g) & (labels == c)]
-        mean = rows.mean(axis=0)
-        centred = rows - mean
-        yield g, c, Moments(np.full(X.shape[1], float(len(rows))), mean,
-                            np.einsum("nli,nlj->lij", centred, centred))
+    for g, c, rows in unit_rows(X, labels, blocks):
+        yield g, c, row_moments(rows)
 
 
 def chunk_moments(H: np.ndarray, labels: np.ndarray, blocks: np.ndarray, shift: np.ndarray, n_blocks: int,
@@ -114,25 +134,41 @@ class Accumulator:
 
     ``blocks`` gives every example's block (see :func:`assign_blocks`), indexed by the example positions passed to
     :meth:`add`; the first chunk's first state of each layer becomes the ``shift``. Only the units a chunk touches
-    are updated (in place), so a chunk costs its own size, not the size of all units.
+    are updated (in place), so a chunk costs its own size, not the size of all units. :meth:`layout` and
+    :meth:`values` give the arrays a statistics group stores (see :data:`STORED`).
     """
 
     def __init__(self, blocks: np.ndarray, n_blocks: int, n_classes: int):
         self.blocks, self.n_blocks, self.n_classes = blocks, n_blocks, n_classes
         self.shift: np.ndarray | None = None
-        self.moments: Moments | None = None
+        self.moments: Any = None
 
     def add(self, index: np.ndarray, H: np.ndarray, labels: np.ndarray) -> None:
         """Fold in the states ``H`` (n, L, d) of the examples at positions ``index`` with classes ``labels``."""
         X = np.asarray(H, dtype=np.float64)
         if self.moments is None:
             self.shift = X[0].copy()
-            self.moments = Moments.zeros((X.shape[1],), self.n_blocks, self.n_classes, X.shape[2])
+            self.moments = self.empty(X.shape[1], X.shape[2])
+        for g, c, rows in unit_rows(X - self.shift, labels, self.blocks[index]):
+            self.fold(g, c, rows)
+
+    def empty(self, n_layers: int, dim: int) -> Moments:
+        """The statistics of no examples."""
+        return Moments.zeros((n_layers,), self.n_blocks, self.n_classes, dim)
+
+    def fold(self, g: int, c: int, rows: np.ndarray) -> None:
+        """Merge the rows (n_u, L, d) of unit (g, c) into its running statistics, in place."""
         total = self.moments
-        for g, c, unit in _units(X - self.shift, labels, self.blocks[index]):
-            old = Moments(total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c])
-            new = merge(old, unit)
-            total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c] = new.count, new.mean, new.m2
+        new = merge(Moments(total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c]), row_moments(rows))
+        total.count[:, g, c], total.mean[:, g, c], total.m2[:, g, c] = new.count, new.mean, new.m2
+
+    def layout(self, n_layers: int, dim: int) -> dict[str, tuple]:
+        """(dims, shape, dtype) of each array the statistics group stores."""
+        return stored_layout(n_layers, self.n_blocks, self.n_classes, dim)
+
+    def values(self) -> dict[str, np.ndarray]:
+        """The stored arrays' values, once every example is in."""
+        return stored_values(self.moments, self.shift)
 
 
 # --- one layer's statistics from a store ---------------------------------------------------------------------------
@@ -233,7 +269,7 @@ def directed_alignment(moments: Moments, directions: np.ndarray, pairs: list[tup
         # per class along d, and the pair along d
         classes = [_pooled(n, proj_mean, proj_m2, w * (side == s)) for s in (0, 1)]
         total, _, along = _pooled(n, proj_mean, proj_m2, w)
-        trace = _pair_trace(n, mean, np.trace(m2, axis1=1, axis2=2), w)
+        trace = _pair_trace(n, mean, np.trace(m2, axis1=1, axis2=2) + moments.dropped[:, [a, b]].T.reshape(-1), w)
         (n_a, mu_a, m_a), (n_b, mu_b, m_b) = classes
         with np.errstate(divide="ignore", invalid="ignore"):
             spread = np.sqrt(np.maximum(m_a[:, 0, 0] + m_b[:, 0, 0], 0.0) / total)
@@ -292,6 +328,8 @@ def effective_dimension(moments: Moments, weights: np.ndarray) -> np.ndarray:
     a resample's M = S - N μμᵀ with S = Σ w_u R_u, so tr M = Σ w_u tr R_u - N|μ|² and
     tr M² = wᵀKw - 2N Σ_u w_u μᵀR_uμ + N²|μ|⁴ (K_uv = <R_u, R_v>, formed once: units² x d²). μ lies in the span
     of the unit means (orthonormal basis Q, rank r <= units), so μᵀR_uμ needs only QᵀM_uQ (r x r per unit).
+    A residual trace ρ left out of the moments (:attr:`Moments.residual`) adds ρ to tr M and ρ² / D to tr M², as
+    if spread evenly over the D = :attr:`Moments.outside` directions the moments do not span.
     """
     n = moments.count.reshape(-1)
     dim = moments.mean.shape[-1]
@@ -315,16 +353,13 @@ def effective_dimension(moments: Moments, weights: np.ndarray) -> np.ndarray:
         trace = w @ np.trace(raw, axis1=1, axis2=2) - total * mu_sq
         square = (np.einsum("bu,uv,bv->b", w, K, w) - 2 * total * np.einsum("bu,bu->b", w, quad)
                   + total**2 * mu_sq**2)
-        values = trace**2 / square
-    values[0] = _exact_effective_dimension(n, mean, m2)
-    return values
-
-
-def _exact_effective_dimension(n: np.ndarray, mean: np.ndarray, m2: np.ndarray) -> float:
-    """The plain value, from the full merged second moment (no cancellation)."""
-    _, _, pooled = _pooled(n, mean, m2, np.ones((1, len(n))))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.trace(pooled[0]) ** 2 / np.sum(pooled[0] * pooled[0]))
+        _, _, pooled = _pooled(n, mean, m2, np.ones((1, len(n))))  # the plain value without cancellation
+        trace[0], square[0] = np.trace(pooled[0]), np.sum(pooled[0] * pooled[0])
+        residual = w @ moments.dropped.reshape(-1)
+        trace = trace + residual
+        if moments.outside:
+            square = square + residual**2 / moments.outside
+        return trace**2 / square
 
 
 def layer_samples(moments: Moments, hits: np.ndarray | None, label_rows: np.ndarray | None, wanted: set[str],

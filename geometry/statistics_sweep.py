@@ -2,9 +2,10 @@
 
 Per layer, the (block, class) moments of :mod:`geometry.statistics` are reduced from the stored chunks (a Dask
 graph when the store opens with Dask: any scheduler or ``dask.distributed`` cluster in use), or read directly from
-a group that ``extract(..., keep="statistics")`` wrote. Alignment, effective dimension and output alignment come
-from them exactly (equal to the in-memory sweep); their intervals come from the stratified block bootstrap of
-:mod:`geometry.statistics` (the same resamples at every layer).
+a group that ``extract(..., keep="statistics")`` wrote (full moments, or the rank-r sketches of
+:mod:`geometry.sketch`, approximate where that module says). Alignment, effective dimension and output alignment
+come from full moments exactly (equal to the in-memory sweep); their intervals come from the stratified block
+bootstrap of :mod:`geometry.statistics` (the same resamples at every layer).
 
 Separability needs a probe fit on states, so it is measured on a seeded, stratified subsample of
 ``separability_subsample`` queries (all of them when there are no more): only those rows are read. Its interval is
@@ -24,7 +25,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from extraction.store import reading
-from geometry import statistics
+from geometry import sketch, statistics
 from geometry.errors import MeasureError
 from geometry.measures import probe_fitting
 from geometry.sweep import NEEDS, LayerRun, SweepSettings, separability_samples, summarise
@@ -53,7 +54,7 @@ def _skipped(ds: xr.Dataset, settings: SweepSettings, explicit: bool) -> dict[st
 
 
 def _check_group(ds: xr.Dataset, settings: SweepSettings, stored: bool) -> None:
-    needed = {"label"} | ({"stat_m2"} if stored else {"hidden"})
+    needed = {"label"} | ({"stat_count"} if stored else {"hidden"})
     needed |= {v for m in settings.measures for v in NEEDS.get(m, ()) if m != "denoising_gain"}
     if {"singular_alignment", "variance_alignment", "mean_alignment", "composite_alignment"} & set(settings.measures):
         needed.add(settings.unembedding)
@@ -76,7 +77,7 @@ def subsample_indices(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 def measure_layers(ds: xr.Dataset, settings: SweepSettings, chosen: list[int], *, name: str, source: str,
                    explicit: bool, n_blocks: int | None, subsample: int, progress: bool) -> LayerRun:
     """Every requested measure at each chosen layer from sufficient statistics (see the module docstring)."""
-    stored = "stat_m2" in ds
+    stored = "stat_count" in ds
     subsample = check_int(subsample, "separability_subsample", 4)
     with reading(source):
         _check_group(ds, settings, stored)
@@ -101,7 +102,10 @@ def measure_layers(ds: xr.Dataset, settings: SweepSettings, chosen: list[int], *
 
     def one_layer(layer: int) -> np.ndarray:
         with reading(source):
-            if stored:
+            layer_rows = rows
+            if "stat_factor" in ds:
+                moments, layer_rows = sketch.read_layer(ds, layer, rows)
+            elif stored:
                 moments = statistics.stored_moments(ds, layer)
             else:
                 hidden = ds["hidden"].sel(layer=[layer])
@@ -111,7 +115,7 @@ def measure_layers(ds: xr.Dataset, settings: SweepSettings, chosen: list[int], *
             if "output_alignment" in wanted:
                 top = ds["lens_top_token"].sel(layer=layer).values
                 hits = statistics.unit_hits(top == label_token[labels], labels, blocks, n_blocks, n_classes)
-            samples = statistics.layer_samples(moments, hits, rows, wanted, weights, settings.normalize_variance,
+            samples = statistics.layer_samples(moments, hits, layer_rows, wanted, weights, settings.normalize_variance,
                                                settings.singular_subspace)
             if sample is not None:
                 H = ds["hidden"].isel(example=sample).sel(layer=layer).values

@@ -20,7 +20,8 @@ default set it is skipped with a logged warning, its values are NaN and the resu
 names it (``skip_reasons`` says why).
 
 ``engine="statistics"`` computes the measures from per-chunk sufficient statistics instead and never holds a layer
-(see :mod:`geometry.statistics_sweep`); everything above describes the default ``engine="states"``.
+(see :mod:`geometry.statistics_sweep`); everything above describes ``engine="states"``, the default for every
+group that holds states (``engine=None`` picks ``statistics`` for groups extracted with ``keep="statistics"``).
 
 Caveat: a resample repeats some queries, which lowers the rank of the resampled states, so when n is not much
 larger than d the effective dimension's interval lies below its value (the percentile bootstrap is biased for
@@ -251,7 +252,7 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
             n_boot: int = 1000, seed: int = 0, rank: int = 10, layers: Sequence[int] | None = None,
             progress: bool = True, parallel: str | None = None, n_boot_separability: int = 50,
             test_size: float = 0.5, cv: int | None = None, singular_subspace: int = 16,
-            unembedding: str = "unembed", normalize_variance: bool = True, engine: str = "states",
+            unembedding: str = "unembed", normalize_variance: bool = True, engine: str | None = None,
             n_blocks: int | None = None, separability_subsample: int = 4096) -> xr.Dataset:
     """Every measure at every layer of one group: a Dataset with ``value``, ``ci_low``, ``ci_high`` (layer, measure).
 
@@ -272,13 +273,16 @@ def measure(store: str | Path | xr.Dataset, group: str = "icl", measures: Sequen
     (Dask reductions when the store opens with Dask; ``n_blocks`` blocks per class are the bootstrap's units),
     separability from a probe on a seeded stratified subsample of ``separability_subsample`` queries, and a group
     written with ``extract(..., keep="statistics")`` is read directly; see :mod:`geometry.statistics_sweep`.
-    ``parallel`` does not apply to it (the Dask scheduler in use does the work).
+    ``parallel`` does not apply to it (the Dask scheduler in use does the work). ``engine=None`` (the default)
+    picks ``statistics`` for such a group (it has no states) and ``states`` otherwise.
     """
     settings = _settings(measures, n_boot, n_boot_separability, seed, rank, test_size, cv, singular_subspace,
                          unembedding, normalize_variance)
-    if engine not in ENGINES:
+    if engine is not None and engine not in ENGINES:
         raise MeasureError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     ds, name, source = _open(store, group)
+    if engine is None:
+        engine = "statistics" if "hidden" not in ds and "stat_count" in ds else "states"
     chosen = check_layers(ds["layer"].values, layers)
     if engine == "statistics":
         from geometry.statistics_sweep import measure_layers
@@ -350,12 +354,23 @@ def measured_groups(store: str | Path) -> list[str]:
         return [name for name in names if "hidden" in root[name]]
 
 
+def statistics_groups(store: str | Path) -> list[str]:
+    """The groups of a store written with ``extract(..., keep="statistics")`` (statistics, no states)."""
+    from extraction.store import list_groups, open_root
+
+    names = list_groups(store)
+    with reading(store):
+        root = open_root(store)
+        return [name for name in names if "stat_count" in root[name] and "hidden" not in root[name]]
+
+
 def measure_groups(store: str | Path, groups: Sequence[str] | None = None,
                    **measure_kwargs: Any) -> dict[str, xr.Dataset]:
-    """:func:`measure` of several groups (default: every group with hidden states), keyed by group."""
-    names = list(groups) if groups else measured_groups(store)
+    """:func:`measure` of several groups (default: every group with hidden states or statistics), keyed by group."""
+    names = list(groups) if groups else sorted(measured_groups(store) + statistics_groups(store))
     if not names:
-        raise MeasureError(f"store {store} has no group with hidden states; run icl-geometry extract first")
+        raise MeasureError(f"store {store} has no group with hidden states or statistics; run icl-geometry extract "
+                           "first")
     return {name: measure(store, name, **measure_kwargs) for name in names}
 
 
