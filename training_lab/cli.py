@@ -35,6 +35,7 @@ examples:
 
   # re-analyse a run (also one still training, or killed) without training further
   icl-geometry train --out lab-quick --analyse-only --smooth 9
+  icl-geometry train --out lab-paper --analyse-only --phase-window 2000   # [M]'s rule over 2,000 steps
 
   # per-head ablation at a checkpoint (the latest without --at-step): single heads and each block's heads jointly
   icl-geometry train --out lab-singh --ablate-heads --at-step 5000
@@ -117,7 +118,8 @@ def run_train(args: argparse.Namespace) -> int:
             return 0
         train(config, out, progress=not args.no_progress)
     say = None if args.no_progress else (lambda message: print(f"analysing: {message}", flush=True))
-    result = analyse(out, smooth=args.smooth, progress=say)
+    result = analyse(out, smooth=args.smooth, window=args.phase_window, threshold=args.phase_threshold,
+                     progress=say)
     print("\n".join(phase_sentences(out)))
     print(f"tables: {out / 'tables'}\nreport: {result.report}")
     return 0
@@ -171,6 +173,11 @@ def register(subparsers) -> None:
                                                   "a run directory holds one config)")
     parser.add_argument("--smooth", type=int, default=5,
                         help="moving average (odd number of evaluations) the phase rule is applied to (default 5)")
+    parser.add_argument("--phase-window", type=int, default=100, metavar="STEPS",
+                        help="[M]'s phase rule: a boundary where Acc(t + STEPS) - Acc(t) > the threshold (default "
+                             "100, [M]'s; rises spread over thousands of steps need a wider window)")
+    parser.add_argument("--phase-threshold", type=float, default=0.025,
+                        help="[M]'s phase rule's accuracy rise (default 0.025)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the lab's matrices are small, and on a 2-core CPU a "
                              "second thread made the quick preset twice as slow)")

@@ -2,6 +2,7 @@
 
 from dataclasses import replace
 
+import pandas as pd
 import pytest
 
 from icl_geometry.cli import main
@@ -46,6 +47,19 @@ def test_train_then_resume_then_analyse_only(config_file, tmp_path, capsys):
     (out / "report.html").unlink()
     assert main(["train", "--out", str(out), "--analyse-only", "--no-progress", "--smooth", "3"]) == 0
     assert (out / "report.html").is_file()
+
+
+def test_the_phase_rule_window_and_threshold_are_options(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    # A threshold no rise can pass: one phase, no transition.
+    assert main(["train", "--out", str(out), "--analyse-only", "--no-progress", "--phase-window", "20",
+                 "--phase-threshold", "2"]) == 0
+    curves = pd.read_csv(out / "tables" / "curves.csv")
+    assert not curves["boundary"].any() and set(curves["phase"]) == {0}
+    assert main(["train", "--out", str(out), "--analyse-only", "--phase-window", "0"]) == 2
+    assert "window" in error_line(capsys)
 
 
 @pytest.mark.parametrize("text, names", [
