@@ -8,25 +8,11 @@ from extraction.store import open_group
 from geometry import MeasureError, measure
 from geometry import statistics as st
 from geometry.measures import separability
-
-FROM_STATISTICS = ["output_alignment", "singular_alignment", "variance_alignment", "mean_alignment",
-                   "composite_alignment", "effective_dimension"]
-
-
-def _synthetic(n=300, layers=2, dim=10, classes=3, seed=0) -> xr.Dataset:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    H = rng.normal(size=(n, layers, dim)) + 2 * np.eye(classes, dim)[y][:, None, :] + 5
-    return xr.Dataset(
-        {"hidden": (("example", "layer", "dim"), H), "label": (("example",), y),
-         "unembed": (("class", "dim"), rng.normal(size=(classes, dim))),
-         "lens_top_token": (("example", "layer"), rng.integers(0, classes, (n, layers))),
-         "label_token": (("class",), np.arange(classes))},
-        coords={"layer": np.arange(layers), "class": [f"c{i}" for i in range(classes)]})
+from tests.geometry.synthetic_states import FROM_STATISTICS, synthetic_states
 
 
 def test_chan_merge_of_chunks_equals_one_pass():
-    ds = _synthetic()
+    ds = synthetic_states()
     H, y = ds["hidden"].values, ds["label"].values
     blocks = st.assign_blocks(y, 4)
     acc = st.Accumulator(blocks, 4, 3)
@@ -53,7 +39,7 @@ def test_statistics_engine_equals_in_memory_on_a_store(tiny_store, group, normal
 def test_bootstrap_of_one_example_blocks_is_the_in_memory_bootstrap():
     """Blocks of one query make the block bootstrap the stratified example bootstrap; with the same seed the two
     draw the same resamples, so the intervals agree to rounding."""
-    ds = _synthetic()
+    ds = synthetic_states()
     kwargs = dict(measures=FROM_STATISTICS, n_boot=400, progress=False)
     states = measure(ds, **kwargs)
     stats = measure(ds, engine="statistics", n_blocks=ds.sizes["example"], **kwargs)
@@ -65,7 +51,7 @@ def test_bootstrap_of_coarse_blocks_agrees_within_monte_carlo_error():
     """Blocks of ~6 queries (16 per class): the interval widths estimate the example bootstrap's with about 16
     degrees of freedom per class, so their ratio has a relative s.d. near 1/sqrt(2 * 15) = 18%; checked within
     a factor of 1.8 either way for every measure and layer (about 3 s.d.)."""
-    ds = _synthetic()
+    ds = synthetic_states()
     kwargs = dict(measures=FROM_STATISTICS, n_boot=1000, progress=False)
     states = measure(ds, **kwargs)
     stats = measure(ds, engine="statistics", n_blocks=16, **kwargs)
@@ -74,7 +60,7 @@ def test_bootstrap_of_coarse_blocks_agrees_within_monte_carlo_error():
 
 
 def test_separability_is_measured_on_a_seeded_subsample():
-    ds = _synthetic(n=120)
+    ds = synthetic_states(n=120)
     result = measure(ds, measures=["separability"], n_boot=0, progress=False, engine="statistics",
                      separability_subsample=60)
     from geometry.statistics_sweep import subsample_indices
@@ -109,7 +95,7 @@ def client():
 
 
 def test_reduction_on_a_local_cluster_equals_in_memory(tiny_store, client, tmp_path):
-    ds = _synthetic(n=700, layers=2, dim=8)
+    ds = synthetic_states(n=700, layers=2, dim=8)
     path = tmp_path / "big.zarr"
     ds.chunk({"example": 100, "layer": 1}).to_zarr(path, group="g", zarr_format=3, consolidated=False)
     lazy = xr.open_zarr(path, group="g", consolidated=False)
@@ -198,7 +184,7 @@ def test_a_store_larger_than_the_workers_memory_finishes_and_equals_the_in_memor
 
     distributed = pytest.importorskip("distributed")
     limit = parse_bytes("256MiB")
-    subset = _synthetic(n=4096, layers=2, dim=16, classes=2, seed=3)
+    subset = synthetic_states(n=4096, layers=2, dim=16, classes=2, seed=3)
     subset["hidden"] = subset["hidden"].astype(np.float32)
     in_memory = measure(subset, measures=FROM_STATISTICS, n_boot=0, progress=False, parallel="serial")
     per_chunk, chunks = 16, 40
@@ -229,7 +215,7 @@ def test_subsampled_separability_is_close_to_the_full_probe_and_its_interval_is_
     most 0.032, on 1,000 at most 0.016, so the two differ by about 0.035 s.d. (plus a small bias of the smaller
     training half): checked within 0.1 (~3 s.d.) at every layer. The subsample's interval is the spread of a probe
     fit on 500 queries, so it is wider than the full probe's (conservative), checked on average over layers."""
-    ds = _synthetic(n=2000, layers=3, dim=10, classes=2, seed=5)
+    ds = synthetic_states(n=2000, layers=3, dim=10, classes=2, seed=5)
     kwargs = dict(measures=["separability"], n_boot=60, n_boot_separability=60, progress=False)
     full = measure(ds, **kwargs).sel(measure="separability")
     sub = measure(ds, engine="statistics", separability_subsample=500, **kwargs).sel(measure="separability")

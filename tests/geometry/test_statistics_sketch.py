@@ -1,6 +1,8 @@
 """Low-rank statistics (geometry.sketch, extract(keep="statistics", statistics_rank=r)): exact while nothing is
 dropped, close to the full moments on a decaying spectrum otherwise."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -8,23 +10,10 @@ import xarray as xr
 from geometry import measure
 from geometry import statistics as st
 from geometry.sketch import SketchAccumulator
+from tests.geometry.synthetic_states import FROM_STATISTICS, synthetic_states
 
-FROM_STATISTICS = ["output_alignment", "singular_alignment", "variance_alignment", "mean_alignment",
-                   "composite_alignment", "effective_dimension"]
-
-
-def _states(n=400, layers=2, dim=24, classes=2, decay=0.0, seed=0) -> xr.Dataset:
-    """Synthetic states: class means on the first axes, per-axis spread (1 + axis) ** -decay."""
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, classes, n)
-    scale = (1.0 + np.arange(dim)) ** -decay
-    H = rng.normal(size=(n, layers, dim)) * scale + 1.5 * np.eye(classes, dim)[y][:, None, :] + 5
-    return xr.Dataset(
-        {"hidden": (("example", "layer", "dim"), H), "label": (("example",), y),
-         "unembed": (("class", "dim"), rng.normal(size=(classes, dim))),
-         "lens_top_token": (("example", "layer"), rng.integers(0, classes, (n, layers))),
-         "label_token": (("class",), np.arange(classes))},
-        coords={"layer": np.arange(layers), "class": [f"c{i}" for i in range(classes)]})
+#: Two classes of 400 queries in 24 dimensions, separated by 1.5 (a decay makes the spectrum fall off).
+_states = partial(synthetic_states, n=400, dim=24, classes=2, separation=1.5)
 
 
 def _statistics_group(ds: xr.Dataset, accumulator: st.Accumulator, chunk: int = 37) -> xr.Dataset:
