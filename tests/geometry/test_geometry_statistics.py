@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from extraction.store import open_group
 from geometry import MeasureError, measure
 from geometry import statistics as st
 from geometry.measures import separability
