@@ -1,5 +1,5 @@
 """Attention edges between position groups: knockout through the model's own attention mask, and counterfactual
-patching from a donor prompt (:func:`patched_edge`) through an extended key set.
+patching from a donor prompt (:class:`EdgePatch`, :func:`patched_edge`) through an extended key set.
 
 **Direction.** An edge ``A -> B`` is information flowing from the positions of group A to those of group B: B is
 the *receiver* (the query side of attention), A the *sender* (the key side). Knocking it out means the receivers
@@ -32,17 +32,25 @@ re-implemented. A receiver never loses its own position (pairs are never diagona
 >>> EDGE_TYPES["y->x"].pairs_text
 'y_i -> x_j (j > i)'
 
+**Patching** (:class:`EdgePatch`) replaces what flows along the edge instead of blocking it: the receivers read
+the keys and values of their senders from a *donor* run (a prompt with other demonstrations, shuffled labels or
+another task; :mod:`extraction.donors`), through the model's own attention module run on an extended key set
+(see :func:`patched_edge`). Its record keeps the donor spec, from which a group's prompts rebuild the donors.
+
 Use::
 
     extract(loaded, "store.zarr", setting="ko_y->final_10-12",
             intervention=EdgeKnockout("y->final", blocks=range(10, 13)))
+    extract(loaded, "store.zarr", setting="patch_y->final_10-12",
+            intervention=EdgePatch("y->final", blocks=range(10, 13), donor="shuffled"))
     with EdgeKnockout("y->x", blocks=[0, 1]).applied(loaded, Batch(ids, mask, groups)):
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-    with patched_edge(loaded, "y->final", range(10, 13), base, donor):   # base, donor: Batch with groups
+    patch = EdgePatch("y->x", blocks=[0, 1], heads=[2], donor="demos:1")
+    patch.prepare(loaded, task, prompts)                     # the PromptSet the rows come from
+    with patch.applied(loaded, Batch(ids, mask, groups, tuple(rows))):  # rows: their Prompt objects
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    with patched_edge(loaded, "y->final", range(10, 13), base, donor):   # your own donor: Batch with groups
         logits = loaded.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
-
-Patching is a context manager around your own forward passes, not yet an ``extract`` intervention (a store group
-would have to record the donor prompts).
 """
 
 from __future__ import annotations
@@ -502,7 +510,8 @@ class EdgePatch(_EdgeIntervention):
         if batch.prompts is None:
             raise InterventionError("an edge patch needs the rows' prompts to build their donors: give applied() a "
                                     "Batch(input_ids, attention_mask, encoded.groups, tuple(prompts))")
-        donors = encode(self._loaded.tokenizer, self.donors(batch.prompts), max_length=arch.max_context)
+        prompts = self.donors(batch.prompts)
+        donors = encode(self._loaded.tokenizer, prompts, max_length=arch.max_context)
         model = getattr(self._loaded, "model", self._loaded)
         device = next(model.parameters()).device
         donor = Batch(donors.input_ids.to(device), donors.attention_mask.to(device), donors.groups)

@@ -302,3 +302,75 @@ def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch)
     finally:
         loaded.model.set_attn_implementation(previous)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_patch_group_extracts_records_and_rebuilds_its_donors(tiny_gemma, tmp_path):
+    """A patched re-extraction is a store group like any other: its record names the donor spec, and the record with
+    the group's own prompts rebuilds the same donors."""
+    from extraction.edges import EdgePatch
+    from extraction.extractor import extract
+    from extraction.interventions import recorded_interventions
+    from extraction.prompts import PromptConfig
+    from extraction.store import open_group
+
+    store = tmp_path / "s.zarr"
+    common = dict(task="sentiment", shots=3, n=8, batch_size=4, progress=False)
+    clean = extract(tiny_gemma, store, **common)
+    patch = EdgePatch("y->final", blocks=[2, 3], donor="demos:5", origin={"test": "patch"})
+    ds = extract(tiny_gemma, store, setting="patch", intervention=patch, **common)
+    (record,) = ds.attrs["intervention"]
+    assert record["kind"] == "edge_patch" and record["donor"] == "demos:5" and record["blocks"] == [2, 3]
+    assert "other demonstrations" in record["donor_prompts"]
+    (rebuilt,) = recorded_interventions(open_group(store, "patch"))
+    assert rebuilt.describe() == patch.describe()
+    task = load_task("sentiment")
+    prompts = build_prompts(task, PromptConfig(shots=3, n=8))
+    rebuilt.prepare(tiny_gemma, task, prompts)
+    assert rebuilt.donors(prompts.prompts) == patch.donors(prompts.prompts)
+    assert [p.query_index for p in patch.donors(prompts.prompts)] == [p.query_index for p in prompts.prompts]
+    np.testing.assert_allclose(ds["hidden"][:, :3].values, clean["hidden"][:, :3].values, atol=1e-5)
+    assert np.abs(ds["hidden"][:, 4].values - clean["hidden"][:, 4].values).max() > 1e-4
+
+
+def test_donor_specs(prompt_set):
+    from extraction.donors import DonorSpec, donor_prompts
+
+    task, prompts = prompt_set
+    assert DonorSpec.parse("shuffled").text == "shuffled:0" and DonorSpec.parse("task:topic:3").task == "topic"
+    shuffled = donor_prompts(DonorSpec.parse("shuffled"), task, prompts)
+    for base, donor in zip(prompts.prompts, shuffled):
+        assert donor.demo_indices == base.demo_indices and donor.query_index == base.query_index
+        assert sorted(donor.demo_labels) == sorted(base.demo_labels)
+    other = donor_prompts(DonorSpec.parse("demos:1"), task, prompts)
+    assert all(d.demo_indices != b.demo_indices and d.query_index == b.query_index
+               for b, d in zip(prompts.prompts, other))
+    # a prompt's donor does not depend on the other prompts of the run
+    assert donor_prompts(DonorSpec.parse("demos:1"), task, prompts, prompts.prompts[1:2]) == other[1:2]
+    assert "Article:" in donor_prompts(DonorSpec.parse("task:topic"), task, prompts)[0].text
+
+
+def test_bad_patch_input_is_one_clear_error(loaded, prompt_set, tmp_path):
+    from extraction.edges import EdgePatch
+    from extraction.extractor import extract
+
+    task, prompts = prompt_set
+    for spec in ("reversed", "demos", "demos:x", "task:", "shuffled:1:2"):
+        with pytest.raises(InterventionError, match=f"unknown donor {spec!r}; use shuffled, shuffled:SEED"):
+            EdgePatch("y->final", [0], donor=spec)
+    with pytest.raises(InterventionError, match="unknown edge type 'y->z'"):
+        EdgePatch("y->z", [0])
+    with pytest.raises(InterventionError, match="outside the model's blocks"):
+        EdgePatch("y->x", [loaded.arch.n_layers]).check(loaded.arch)
+    with pytest.raises(InterventionError, match=r"heads \[9\] are outside"):
+        EdgePatch("y->x", [0], heads=[9]).check(loaded.arch)
+    base = _prompt_batch(loaded, prompts.prompts)
+    with pytest.raises(InterventionError, match="call prepare"):
+        with EdgePatch("y->final", [0]).applied(loaded, base):
+            pass
+    # x_i of other demonstrations tokenize to other lengths: refused before anything is written
+    with pytest.raises(InterventionError, match="group of demonstration 1 is .* cannot be aligned"):
+        extract(loaded, tmp_path / "s.zarr", task="sentiment", shots=SHOTS, n=3, seed=2, progress=False,
+                intervention=EdgePatch("x->y", [0], donor="demos:1"))
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.raises(InterventionError, match="connects no positions"):
+        EdgePatch("y->y", [0]).prepare(loaded, task, build_prompts(task, shots=1, n=2))
