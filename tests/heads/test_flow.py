@@ -90,3 +90,17 @@ def test_small_scan_on_the_real_model(real_model):
     assert np.isfinite(ds["logit_change"].values).all()
     # knocking out y->final in nearly every block changes the answer's logit
     assert np.abs(ds["logit_change"].sel(edge="y->final").values).max() > 1e-3
+
+
+@pytest.mark.real_model
+def test_small_patch_scan_on_the_real_model(real_model):
+    """Gemma 3 270M (sliding-window and full-attention blocks, GQA): the aggregation and contextualization edges
+    patched from shuffled-label donors over 2 windows; the fast scan equals the naive loop."""
+    width = real_model.arch.n_layers - 1
+    settings = dict(task="sentiment", shots=3, n=2, width=width, batch_size=2, n_boot=50, progress=False,
+                    mode="patch", donor="shuffled:1", edges=["y->x", "y->final"])
+    fast = edge_scan(real_model, method="fast", **settings)
+    naive = edge_scan(real_model, method="naive", **settings)
+    np.testing.assert_allclose(fast["label_logits"], naive["label_logits"], atol=2e-3, rtol=1e-3)
+    assert np.isfinite(fast["logit_change"].values).all()
+    assert np.abs(fast["logit_change"].sel(edge="y->final").values).max() > 1e-3
