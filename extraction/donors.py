@@ -6,13 +6,16 @@ prompts are not stored but described by a spec, so a store group's record rebuil
 =====================  ==================================================================================
 spec                   donor of a base prompt
 =====================  ==================================================================================
-``shuffled[:SEED]``    the same demonstrations and query, the labels shown with the demonstrations permuted
+``shuffled[:SEED]``    the same demonstrations and query, the labels shown with them permuted (see below)
 ``demos:SEED``         other demonstrations drawn from the task's pool (its sampling and label mode), same query
 ``task:NAME[:SEED]``   demonstrations of another task (its template and label words) and one of its queries
 =====================  ==================================================================================
 
 The seed (default 0) and the base prompt's query index seed each donor's draw, so a prompt's donor does not depend
-on the other prompts of the run or on how they are batched.
+on the other prompts of the run or on how they are batched. A plain random permutation of a few labels often leaves
+them where they were (3 shots labelled 1, 0, 0: one draw in three), and such a donor patches nothing; ``shuffled``
+takes, of :data:`SHUFFLE_DRAWS` seeded permutations, the first that moves the most labels to a demonstration that
+showed another label.
 
 >>> DonorSpec.parse("task:topic").text, DonorSpec.parse("demos:3").seed
 ('task:topic:0', 3)
@@ -35,6 +38,8 @@ DONOR_KINDS = {
     "task": "demonstrations and a query of another task, with its template and label words",
 }
 FORMS = "shuffled, shuffled:SEED, demos:SEED, task:NAME or task:NAME:SEED"
+#: Seeded permutations among which a ``shuffled`` donor takes the one that changes the most labels.
+SHUFFLE_DRAWS = 64
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def donor_prompts(spec: DonorSpec, task: Task, prompts: PromptSet, base: list[Pr
     for prompt in prompts.prompts if base is None else base:
         rng = np.random.default_rng([spec.seed, prompt.query_index])
         if spec.kind == "shuffled":
-            shown = rng.permutation(prompt.demo_labels)
+            shown = _shuffled(np.array(prompt.demo_labels), rng)
             donors.append(assemble_prompt(prompts.template, config.separator, task, prompt.query_index,
                                           prompt.demo_indices, shown, prompts.label_words))
             continue
@@ -94,3 +99,9 @@ def donor_prompts(spec: DonorSpec, task: Task, prompts: PromptSet, base: list[Pr
             donors.append(assemble_prompt(other.template, config.separator, other, int(rng.choice(other.test)),
                                           demos, shown, other.label_words))
     return donors
+
+
+def _shuffled(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``labels`` permuted: of :data:`SHUFFLE_DRAWS` seeded permutations, the first that changes the most of them."""
+    draws = [labels[rng.permutation(len(labels))] for _ in range(SHUFFLE_DRAWS)]
+    return draws[int(np.argmax([(draw != labels).sum() for draw in draws]))]

@@ -341,6 +341,9 @@ def test_donor_specs(prompt_set):
     for base, donor in zip(prompts.prompts, shuffled):
         assert donor.demo_indices == base.demo_indices and donor.query_index == base.query_index
         assert sorted(donor.demo_labels) == sorted(base.demo_labels)
+        # as many labels moved as the two classes allow (a random permutation often moves none)
+        moved = sum(d != l for d, l in zip(donor.demo_labels, base.demo_labels))
+        assert moved == 2 * min(base.demo_labels.count(0), base.demo_labels.count(1))
     other = donor_prompts(DonorSpec.parse("demos:1"), task, prompts)
     assert all(d.demo_indices != b.demo_indices and d.query_index == b.query_index
                for b, d in zip(prompts.prompts, other))
