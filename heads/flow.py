@@ -23,8 +23,9 @@ Methods, which give the same numbers (checked in the tests and ``benchmarks/flow
 * ``fast``: one clean pass per batch records every decoder layer's call (as the single-head sweep does), and in
   patch mode one donor pass records every block's attention input. For window ``w`` the batch is stacked with one
   copy per edge type, and only blocks ``w .. L-1`` re-run from block ``w``'s recorded input, the window's attention
-  modules getting each copy's knocked-out mask (or extended key set); nothing below the window is recomputed. Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the
-  model's own logits on every clean pass.
+  modules getting each copy's knocked-out mask (or extended key set); nothing below the window is recomputed.
+  Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the model's own
+  logits on every clean pass.
 
 >>> import heads.flow as flow
 >>> flow.windows(n_blocks=4, width=3)
@@ -50,7 +51,7 @@ from extraction.edges import (EDGE_TYPES, EdgeKnockout, EdgePatch, attention_inp
 from extraction.interventions import Batch, Intervention
 from extraction.models import LoadedModel
 from extraction.positions import PositionGroups
-from extraction.prompts import Encoded, encode
+from extraction.prompts import Encoded, Prompt, encode
 from extraction.tasks import Task
 from geometry.bootstrap import CI_LEVEL, resample_counts
 from heads.errors import HeadsError
@@ -123,8 +124,7 @@ class _Knockouts:
     e knocked out."""
 
     def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str]):
-        blocked = torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1)
-        self.blocked = blocked.flatten(0, 1)[:, None].to(loaded.device)
+        self.blocked = _stacked_pairs(encoded, edges)[:, None].to(loaded.device)
         self.arch = loaded.arch
 
     def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
@@ -135,17 +135,22 @@ class _Patches:
     """Fast-method edits of the stacked batch (see :class:`_Knockouts`): copy (p, e) reads edge e's senders from
     prompt p's donor, whose every block's attention input is recorded in one donor pass."""
 
-    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str], donors: list):
+    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str], donors: list[Prompt]):
         arch = self.arch = loaded.arch
         donor = encode(loaded.tokenizer, donors, max_length=arch.max_context)
         self.inputs = attention_inputs(loaded.model, arch, range(arch.n_layers),
                                        Batch(donor.input_ids.to(loaded.device), donor.attention_mask.to(loaded.device)))
         self.rows = torch.arange(len(donors)).repeat_interleave(len(edges))
-        pairs = torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1).flatten(0, 1)
-        self.plan = patch_plan(pairs, _rows(encoded.groups, self.rows), _rows(donor.groups, self.rows))
+        self.plan = patch_plan(_stacked_pairs(encoded, edges), _rows(encoded.groups, self.rows),
+                               _rows(donor.groups, self.rows))
 
     def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
         install_patch(self.arch, blocks, self.plan, self.inputs, stack, donor_rows=self.rows)
+
+
+def _stacked_pairs(encoded: Encoded, edges: list[str]) -> torch.Tensor:
+    """(B * E, T, T): the pairs of edge e for prompt p at row p * E + e."""
+    return torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1).flatten(0, 1)
 
 
 def _rows(groups: PositionGroups, rows: torch.Tensor) -> PositionGroups:
