@@ -138,19 +138,19 @@ def run_knockout(args: argparse.Namespace) -> int:
     heads = [int(h) for h in _names(args.heads)] if args.heads else None
     origin = {"command": f"flow {args.flow_command}"}
     if args.flow_command == "patch":
-        knockout = EdgePatch(args.edge, blocks, heads, donor=args.donor, origin=origin)
-        group = args.setting or patch_group(args.edge, blocks, knockout.donor.text)
+        intervention = EdgePatch(args.edge, blocks, heads, donor=args.donor, origin=origin)
+        group = args.setting or patch_group(args.edge, blocks, intervention.donor.text)
     else:
-        knockout = EdgeKnockout(args.edge, blocks, heads, origin=origin)
+        intervention = EdgeKnockout(args.edge, blocks, heads, origin=origin)
         group = args.setting or knockout_group(args.edge, blocks)
     loaded = _load(args)
-    knockout.check(loaded.arch)
+    intervention.check(loaded.arch)
     kwargs = dict(batch_size=args.batch_size, progress=not args.quiet, **prompt_kwargs(args))
     # The intervention first: an edge with no positions in these prompts (or donors that do not align) fails before
     # anything else is written.
-    blocked = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=knockout, **kwargs)
+    changed = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=intervention, **kwargs)
     clean = extract(loaded, args.store, setting=args.baseline, **kwargs)
-    changes = change_frame(measure(blocked, group, n_boot=args.n_boot, progress=not args.quiet),
+    changes = change_frame(measure(changed, group, n_boot=args.n_boot, progress=not args.quiet),
                            measure(clean, args.baseline, n_boot=args.n_boot, progress=not args.quiet),
                            group, args.baseline)
     if args.out:
@@ -158,7 +158,7 @@ def run_knockout(args: argparse.Namespace) -> int:
         changes.to_csv(args.out, index=False)
     largest = changes.reindex(changes["change"].abs().sort_values(ascending=False).index).head(5)
     _print({"store": args.store, "group": group, "baseline": args.baseline, "blocks": blocks, "heads": heads,
-            "out": args.out, "accuracy": accuracy(blocked), "baseline_accuracy": accuracy(clean),
+            "out": args.out, "accuracy": accuracy(changed), "baseline_accuracy": accuracy(clean),
             "largest_changes": largest[["layer", "measure", "change"]].to_dict(orient="records")})
     return 0
 
