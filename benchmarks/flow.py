@@ -12,11 +12,15 @@ medians are compared); ``work_ratio`` is the naive loop's block evaluations over
 (``E * W * L / (E * sum over windows of (L - first block))``, clean passes aside): the speed-up that sharing the
 blocks below each window can give. ``max_abs_diff`` is the largest difference of any label logit between the two.
 
+With ``--patch DONOR`` both patch the edges from donor prompts instead (``mode="patch"``; the fast scan adds one
+donor pass per batch, the naive loop one per cell).
+
 By default the model is a tiny random Llama (8 blocks, built in a temporary folder with the tests' word tokenizer);
 ``--real`` uses the default model (Gemma 3 270M) on a few prompts. The last line printed is one JSON object.
 
     python benchmarks/flow.py               # tiny model, ~1 min on a 2-core CPU
     python benchmarks/flow.py --real        # Gemma 3 270M, 8 prompts
+    python benchmarks/flow.py --patch shuffled   # patching from prompts with shuffled labels
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--patch", default=None, metavar="DONOR", help="patch from this donor spec, not knock out")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     with tempfile.TemporaryDirectory() as folder:
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         loaded = load_model(spec)
         n = args.n or (8 if args.real else 16)
         settings = dict(task="sentiment", shots=args.shots, n=n, width=args.width, batch_size=args.batch_size,
-                        n_boot=10, progress=False)
+                        n_boot=10, progress=False, mode="patch" if args.patch else "knockout", donor=args.patch)
         edge_scan(loaded, method="fast", **{**settings, "n": min(n, 2)})  # warm-up
         times: dict[str, list[float]] = {"fast": [], "naive": []}
         results = {}
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
         fast, naive = results["fast"], results["naive"]
         report = {
             "model": "gemma-3-270m" if args.real else "tiny-llama-8-blocks",
+            "mode": fast.attrs["mode"], "donor": fast.attrs["donor"],
             "n_prompts": n, "shots": args.shots, "width": args.width,
             "edges": len(fast["edge"]), "windows": len(fast["window"]),
             "fast_s": round(statistics.median(times["fast"]), 3),

@@ -31,6 +31,7 @@ _EXPORTS = {
     "HeadAblation": "extraction.interventions",
     "Injection": "extraction.interventions",
     "EdgeKnockout": "extraction.edges",
+    "EdgePatch": "extraction.edges",
     "EDGE_TYPES": "extraction.edges",
     "patched_edge": "extraction.edges",
     "open_group": "extraction.store",

@@ -1,5 +1,5 @@
 """Attention edges between position groups: knockout through the model's own attention mask, and counterfactual
-patching from a donor prompt (:func:`patched_edge`) through an extended key set.
+patching from a donor prompt (:class:`EdgePatch`, :func:`patched_edge`) through an extended key set.
 
 **Direction.** An edge ``A -> B`` is information flowing from the positions of group A to those of group B: B is
 the *receiver* (the query side of attention), A the *sender* (the key side). Knocking it out means the receivers
@@ -32,17 +32,25 @@ re-implemented. A receiver never loses its own position (pairs are never diagona
 >>> EDGE_TYPES["y->x"].pairs_text
 'y_i -> x_j (j > i)'
 
+**Patching** (:class:`EdgePatch`) replaces what flows along the edge instead of blocking it: the receivers read
+the keys and values of their senders from a *donor* run (a prompt with other demonstrations, shuffled labels or
+another task; :mod:`extraction.donors`), through the model's own attention module run on an extended key set
+(see :func:`patched_edge`). Its record keeps the donor spec, from which a group's prompts rebuild the donors.
+
 Use::
 
     extract(loaded, "store.zarr", setting="ko_y->final_10-12",
             intervention=EdgeKnockout("y->final", blocks=range(10, 13)))
+    extract(loaded, "store.zarr", setting="patch_y->final_10-12",
+            intervention=EdgePatch("y->final", blocks=range(10, 13), donor="shuffled"))
     with EdgeKnockout("y->x", blocks=[0, 1]).applied(loaded, Batch(ids, mask, groups)):
         logits = loaded.model(input_ids=ids, attention_mask=mask).logits
-    with patched_edge(loaded, "y->final", range(10, 13), base, donor):   # base, donor: Batch with groups
+    patch = EdgePatch("y->x", blocks=[0, 1], heads=[2], donor="demos:1")
+    patch.prepare(loaded, task, prompts)                     # the PromptSet the rows come from
+    with patch.applied(loaded, Batch(ids, mask, groups, tuple(rows))):  # rows: their Prompt objects
+        logits = loaded.model(input_ids=ids, attention_mask=mask).logits
+    with patched_edge(loaded, "y->final", range(10, 13), base, donor):   # your own donor: Batch with groups
         logits = loaded.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
-
-Patching is a context manager around your own forward passes, not yet an ``extract`` intervention (a store group
-would have to record the donor prompts).
 """
 
 from __future__ import annotations
@@ -57,13 +65,18 @@ import numpy as np
 import torch
 
 from extraction.architecture import Architecture
+from extraction.donors import DonorSpec, donor_prompts
 from extraction.errors import InterventionError
-from extraction.interventions import Batch, Intervention, _json_record
+from extraction.interventions import Batch, Intervention, _json_record, architecture_of
 from extraction.positions import KIND_CODES, PositionGroups
+from extraction.prompts import Prompt, PromptSet, encode
+from extraction.tasks import Task
 
 #: Attention implementations whose attention module reads the mask this module edits.
 MASKED_IMPLEMENTATIONS = ("eager", "sdpa")
 DIRECTION = "A->B: receivers B (attention queries) stop reading senders A (attention keys)"
+PATCH_DIRECTION = ("A->B: receivers B (attention queries) read the keys and values of senders A from the donor run "
+                   "(its attention inputs at the aligned donor positions, at the base positions)")
 RELATIONS = ("any", "later", "same")
 
 
@@ -154,13 +167,19 @@ def knocked_out(mask: torch.Tensor | None, blocked: torch.Tensor) -> torch.Tenso
     return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
 
 
-def per_head(pairs: torch.Tensor, heads: Sequence[int] | None, n_heads: int) -> torch.Tensor:
-    """(B, 1, T, T) blocked entries for all heads, or (B, H, T, T) blocked for ``heads`` only."""
+def chosen_heads(heads: Sequence[int] | None, n_heads: int) -> torch.Tensor | None:
+    """(H,) bool of the chosen query heads, or None for all heads."""
     if heads is None:
-        return pairs[:, None]
+        return None
     chosen = torch.zeros(n_heads, dtype=torch.bool)
     chosen[list(heads)] = True
-    return pairs[:, None] & chosen[None, :, None, None]
+    return chosen
+
+
+def per_head(pairs: torch.Tensor, heads: Sequence[int] | None, n_heads: int) -> torch.Tensor:
+    """(B, 1, T, T) blocked entries for all heads, or (B, H, T, T) blocked for ``heads`` only."""
+    chosen = chosen_heads(heads, n_heads)
+    return pairs[:, None] if chosen is None else pairs[:, None] & chosen[None, :, None, None]
 
 
 def install_mask_edit(arch: Architecture, blocks: Sequence[int], blocked: Callable[[], torch.Tensor],
@@ -178,7 +197,54 @@ def install_mask_edit(arch: Architecture, blocks: Sequence[int], blocked: Callab
         stack.callback(arch.attentions[block].register_forward_pre_hook(hook, with_kwargs=True).remove)
 
 
-class EdgeKnockout(Intervention):
+def query_heads(heads: Sequence[int] | None) -> list[int] | None:
+    """Sorted, de-duplicated query-head indices, or None (all heads); an InterventionError for anything else."""
+    if heads is None:
+        return None
+    if len(heads) == 0 or any(not isinstance(h, numbers.Integral) or isinstance(h, bool) for h in heads):
+        raise InterventionError(f"heads are query-head indices (ints), or None for all heads; not {heads!r}")
+    return sorted({int(h) for h in heads})
+
+
+def check_heads(arch: Architecture, heads: Sequence[int] | None) -> list[int] | None:
+    """:func:`query_heads`, also refused outside the model's query heads."""
+    heads = query_heads(heads)
+    if heads is not None and not all(0 <= h < arch.n_heads for h in heads):
+        raise InterventionError(f"heads {heads} are outside 0..{arch.n_heads - 1}")
+    return heads
+
+
+class _EdgeIntervention(Intervention):
+    """What an edge knockout and an edge patch share: the edge type, the block window and the chosen heads."""
+
+    #: What the intervention does to an edge A -> B (recorded).
+    direction: ClassVar[str]
+
+    def __init__(self, edge: str, blocks: Sequence[int], heads: Sequence[int] | None,
+                 origin: Mapping[str, Any] | None):
+        self.edge = edge_type(edge)
+        self.blocks = list(blocks)
+        self.heads = query_heads(heads)
+        self.origin = _json_record(origin)
+
+    def check(self, arch: Architecture) -> None:
+        self.blocks = check_blocks(arch, self.blocks)
+        check_masked_attention(arch)
+        check_heads(arch, self.heads)
+
+    def _pairs(self, batch: Batch | None) -> torch.Tensor:
+        if batch is None or batch.groups is None:
+            raise InterventionError(f"an {self.kind.replace('_', ' ')} needs the prompts' position groups: pass it "
+                                    "to extract(), or give applied() a Batch(input_ids, attention_mask, "
+                                    "encode(...).groups)")
+        return edge_pairs(self.edge, batch.groups)
+
+    def settings(self) -> dict[str, Any]:
+        return {"edge": self.edge.name, "pairs": self.edge.pairs_text, "blocks": self.blocks, "heads": self.heads,
+                "direction": self.direction}
+
+
+class EdgeKnockout(_EdgeIntervention):
     """Block the attention edge ``edge`` (a name in :data:`EDGE_TYPES`) in ``blocks`` (block indices 0..L-1), for
     all heads or the query heads ``heads`` (indices 0..H-1, in every block of the window).
 
@@ -187,33 +253,16 @@ class EdgeKnockout(Intervention):
     """
 
     kind = "edge_knockout"
+    direction = DIRECTION
     usage: ClassVar[str] = "EdgeKnockout(edge, blocks=range(first, last + 1), heads=None)"
 
     def __init__(self, edge: str, blocks: Sequence[int], heads: Sequence[int] | None = None, *,
                  origin: Mapping[str, Any] | None = None):
-        self.edge = edge_type(edge)
-        self.blocks = list(blocks)
-        if heads is not None and (len(heads) == 0 or any(not isinstance(h, numbers.Integral) for h in heads)):
-            raise InterventionError(f"heads are query-head indices (ints), or None for all heads; not {heads!r}")
-        self.heads = None if heads is None else sorted({int(h) for h in heads})
-        self.origin = _json_record(origin)
-
-    def check(self, arch: Architecture) -> None:
-        self.blocks = check_blocks(arch, self.blocks)
-        check_masked_attention(arch)
-        if self.heads is not None and not all(0 <= h < arch.n_heads for h in self.heads):
-            raise InterventionError(f"heads {self.heads} are outside 0..{arch.n_heads - 1}")
+        super().__init__(edge, blocks, heads, origin)
 
     def install(self, arch: Architecture, batch: Batch | None, stack: ExitStack) -> None:
-        if batch is None or batch.groups is None:
-            raise InterventionError("an edge knockout needs the prompts' position groups: pass it to extract(), or "
-                                    "give applied() a Batch(input_ids, attention_mask, encode(...).groups)")
-        blocked = per_head(edge_pairs(self.edge, batch.groups), self.heads, arch.n_heads)
+        blocked = per_head(self._pairs(batch), self.heads, arch.n_heads)
         install_mask_edit(arch, self.blocks, lambda: blocked, stack)
-
-    def settings(self) -> dict[str, Any]:
-        return {"edge": self.edge.name, "pairs": self.edge.pairs_text, "blocks": self.blocks, "heads": self.heads,
-                "direction": DIRECTION}
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> EdgeKnockout:
@@ -236,9 +285,40 @@ def aligned_positions(base: PositionGroups, donor: PositionGroups, row: int, pos
             raise InterventionError(
                 f"the {name} group{f' of demonstration {demo + 1}' if demo >= 0 else ''} is {len(same_base)} "
                 f"token(s) in base row {row} but {len(same_donor)} in its donor, so their positions cannot be "
-                "aligned; use donors whose groups tokenize to the same number of tokens (e.g. same label words)")
+                "aligned; use donors whose groups tokenize to the same number of tokens (e.g. donor 'shuffled')")
         found.append(int(same_donor[int(torch.nonzero(same_base == position)[0, 0])]))
     return found
+
+
+@dataclass
+class PatchPlan:
+    """Where an edge is patched in a batch of R rows: its pairs (R, T, T); per row the sender positions
+    ``index`` (R, m), padded with 0 where ``valid`` is False; the aligned donor positions ``donor_index`` (R, m);
+    the receivers that read each sender ``reads`` (R, T, m); the chosen query heads (H,) bool, or None for all."""
+
+    pairs: torch.Tensor
+    index: torch.Tensor
+    valid: torch.Tensor
+    donor_index: torch.Tensor
+    reads: torch.Tensor
+    heads: torch.Tensor | None = None
+
+
+def patch_plan(pairs: torch.Tensor, base: PositionGroups, donor: PositionGroups,
+               heads: torch.Tensor | None = None) -> PatchPlan:
+    """The plan for ``pairs`` of prompts with groups ``base``, row r reading donor row r (groups ``donor``)."""
+    senders = [torch.nonzero(pairs[row].any(0)).flatten().tolist() for row in range(pairs.shape[0])]
+    width = max(len(s) for s in senders)
+    index = torch.zeros(len(senders), width, dtype=torch.long)
+    valid = torch.zeros(len(senders), width, dtype=torch.bool)
+    donor_index = torch.zeros_like(index)
+    for row, positions in enumerate(senders):
+        index[row, :len(positions)] = torch.tensor(positions)
+        valid[row, :len(positions)] = True
+        donor_index[row, :len(positions)] = torch.tensor(aligned_positions(base, donor, row, positions))
+    rows = torch.arange(len(senders))[:, None, None]
+    reads = pairs[rows, torch.arange(pairs.shape[1])[None, :, None], index[:, None, :]] & valid[:, None, :]
+    return PatchPlan(pairs, index, valid, donor_index, reads, heads)
 
 
 def _keep(mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
@@ -261,48 +341,43 @@ def _gather_positions(value: Any, index: torch.Tensor, length: int) -> Any:
     return torch.cat([expanded, expanded[rows, index.to(value.device)]], 1)
 
 
-@dataclass
-class _Extension:
-    """What one patched block adds: sender positions per row (B, m), padded with 0 where ``valid`` is False, the
-    donor's attention inputs there (B, m, d) and the receivers that read each of them (B, T, m)."""
-
-    index: torch.Tensor
-    valid: torch.Tensor
-    donor_inputs: torch.Tensor
-    reads: torch.Tensor
-
-
-def _extended_mask(mask: torch.Tensor | None, pairs: torch.Tensor, ext: _Extension) -> torch.Tensor:
-    """(B, 1, T + m, T + m): base keys as before except the edge's pairs; column T + j open to the receivers of
-    sender j (where the base mask let them see it); the added rows see only themselves."""
-    batch, length, m = ext.reads.shape
-    keep = _keep(mask, length, pairs.device).expand(batch, 1, length, length)
-    out = torch.zeros(batch, 1, length + m, length + m, dtype=torch.bool, device=pairs.device)
-    out[:, :, :length, :length] = keep & ~pairs[:, None]
-    rows = torch.arange(batch, device=pairs.device)[:, None]
-    seen = keep[:, 0].transpose(1, 2)[rows, ext.index].transpose(1, 2)  # (B, T, m): receiver may see sender j
-    out[:, 0, :length, length:] = ext.reads & seen & ext.valid[:, None, :]
-    out[:, 0, length:, length:] = torch.eye(m, dtype=torch.bool, device=pairs.device)
+def _extended_mask(mask: torch.Tensor | None, plan: PatchPlan) -> torch.Tensor:
+    """(R, 1|H, T + m, T + m): base keys as before except the edge's pairs; column T + j open to the receivers of
+    sender j (where the base mask let them see it); the added rows see only themselves. Heads not chosen keep the
+    base mask and never see the added columns."""
+    batch, length, m = plan.reads.shape
+    device = plan.pairs.device
+    keep = _keep(mask, length, device).expand(batch, 1, length, length)
+    clean = torch.zeros(batch, 1, length + m, length + m, dtype=torch.bool, device=device)
+    clean[:, :, :length, :length] = keep
+    clean[:, 0, length:, length:] = torch.eye(m, dtype=torch.bool, device=device)
+    out = clean.clone()
+    out[:, :, :length, :length] &= ~plan.pairs[:, None]
+    rows = torch.arange(batch, device=device)[:, None]
+    seen = keep[:, 0].transpose(1, 2)[rows, plan.index].transpose(1, 2)  # (R, T, m): receiver may see sender j
+    out[:, 0, :length, length:] = plan.reads & seen & plan.valid[:, None, :]
+    if plan.heads is not None:
+        out = torch.where(plan.heads.to(device)[None, :, None, None], out, clean)
     if mask is not None and mask.dtype != torch.bool:
-        blocked = torch.finfo(mask.dtype).min
-        return torch.zeros(out.shape, dtype=mask.dtype, device=out.device).masked_fill(~out, blocked)
+        return torch.zeros(out.shape, dtype=mask.dtype, device=device).masked_fill(~out, torch.finfo(mask.dtype).min)
     return out
 
 
-def _patch_hooks(arch: Architecture, block: int, pairs: torch.Tensor, ext: _Extension, stack: ExitStack) -> None:
-    """Give block ``block``'s attention the extended key set of ``ext`` (see :func:`patched_edge`)."""
-    length = pairs.shape[-1]
+def _patch_hooks(arch: Architecture, block: int, plan: PatchPlan, donor_inputs: torch.Tensor,
+                 stack: ExitStack) -> None:
+    """Give block ``block``'s attention the extended key set: base positions plus the donor's attention inputs
+    ``donor_inputs`` (R, m, d) at the plan's senders (see :func:`patched_edge`)."""
+    length = plan.pairs.shape[-1]
 
     def extend(module, args, kwargs):
         if "attention_mask" not in kwargs:
             raise InterventionError(f"the attention module {type(module).__name__} receives no attention_mask "
                                     "keyword, so edge interventions cannot reach it in this architecture")
         hidden = args[0] if args else kwargs["hidden_states"]
-        donor = ext.donor_inputs.to(hidden.device, hidden.dtype)
-        hidden = torch.cat([hidden, donor], 1)
+        hidden = torch.cat([hidden, donor_inputs.to(hidden.device, hidden.dtype)], 1)
         others = {key: value for key, value in kwargs.items() if key not in ("hidden_states", "attention_mask")}
-        others = {key: _gather_positions(value, ext.index, length) for key, value in others.items()}
-        mask = _extended_mask(kwargs["attention_mask"], pairs.to(hidden.device), ext)
+        others = {key: _gather_positions(value, plan.index, length) for key, value in others.items()}
+        mask = _extended_mask(kwargs["attention_mask"], plan)
         if args:
             return (hidden, *args[1:]), {**others, "attention_mask": mask}
         return args, {**others, "hidden_states": hidden, "attention_mask": mask}
@@ -317,10 +392,24 @@ def _patch_hooks(arch: Architecture, block: int, pairs: torch.Tensor, ext: _Exte
     stack.callback(attention.register_forward_hook(cut, with_kwargs=True).remove)
 
 
+def install_patch(arch: Architecture, blocks: Sequence[int], plan: PatchPlan, donor_inputs: Mapping[int, torch.Tensor],
+                  stack: ExitStack, donor_rows: torch.Tensor | None = None) -> None:
+    """Patch ``plan`` in ``blocks`` from the donor run's attention inputs (block -> (B, T_donor, d)); plan row r
+    reads donor row ``donor_rows[r]`` (default r). Undone by ``stack``."""
+    for block in blocks:
+        inputs = donor_inputs[block]
+        device = inputs.device
+        rows = torch.arange(len(plan.index)) if donor_rows is None else donor_rows
+        gathered = inputs[rows.to(device)[:, None], plan.donor_index.to(device)]
+        moved = PatchPlan(*(None if t is None else t.to(device) for t in (plan.pairs, plan.index, plan.valid,
+                                                                          plan.donor_index, plan.reads, plan.heads)))
+        _patch_hooks(arch, block, moved, gathered, stack)
+
+
 @torch.no_grad()
-def _attention_inputs(model: torch.nn.Module, arch: Architecture, blocks: Sequence[int], batch: Batch
-                      ) -> dict[int, torch.Tensor]:
-    """The attention modules' input hidden states at ``blocks`` in a clean run of ``batch``."""
+def attention_inputs(model: torch.nn.Module, arch: Architecture, blocks: Sequence[int], batch: Batch
+                     ) -> dict[int, torch.Tensor]:
+    """The attention modules' input hidden states at ``blocks`` in a run of ``batch`` (the donor's run)."""
     seen: dict[int, torch.Tensor] = {}
 
     def keep(block: int):
@@ -336,54 +425,104 @@ def _attention_inputs(model: torch.nn.Module, arch: Architecture, blocks: Sequen
 
 
 @contextmanager
-def patched_edge(loaded: Any, edge: str, blocks: Sequence[int], base: Batch, donor: Batch) -> Iterator[None]:
+def patched_edge(loaded: Any, edge: str, blocks: Sequence[int], base: Batch, donor: Batch,
+                 heads: Sequence[int] | None = None) -> Iterator[None]:
     """Forward passes of ``base`` inside the block read the edge's senders from ``donor`` (row r of ``donor`` for row
-    r of ``base``) in ``blocks``, all heads: counterfactual patching of an attention edge.
+    r of ``base``) in ``blocks``, all heads or the query heads ``heads``: counterfactual patching of an attention
+    edge with donor prompts of your own (:class:`EdgePatch` is the recorded form, its donors rebuilt from a spec).
 
     For every receiver of the edge, the keys and values at its senders are the donor's: the attention module of each
     block of the window gets an extended key set, the base positions plus one entry per sender position whose input
     is the donor run's attention input at the aligned donor position (:func:`aligned_positions`: the k-th token of
     group y_i in the base reads the k-th token of y_i in the donor; prompts of different lengths align that way,
     and groups of different token counts are refused). The receivers see the donor entries instead of the base
-    senders (the mask hides the base pairs and opens the added columns only to their receivers); every other
-    position attends as before. The added entries take the base sender's position (its rotary angle), so a receiver
-    reads the donor's content at the base distance. The donor runs clean, once, on entry. Nothing of the attention
-    is re-implemented: the model's own module (eager or SDPA) runs on the extended inputs, and only the base
-    positions of its output are kept.
+    senders (the mask hides the base pairs and opens the added columns only to their receivers, in the chosen
+    heads); every other position attends as before. The added entries take the base sender's position (its rotary
+    angle), so a receiver reads the donor's content at the base distance. The donor runs once, on entry. Nothing of
+    the attention is re-implemented: the model's own module (eager or SDPA) runs on the extended inputs, and only
+    the base positions of its output are kept.
 
     >>> with patched_edge(loaded, "y->final", range(10, 13), base, donor):       # doctest: +SKIP
     ...     logits = loaded.model(input_ids=base.input_ids, attention_mask=base.attention_mask).logits
     """
-    from extraction.interventions import architecture_of
-
     arch = architecture_of(loaded)
     blocks = check_blocks(arch, list(blocks))
     check_masked_attention(arch)
-    kind = edge_type(edge)
+    heads = check_heads(arch, heads)
     if base.groups is None or donor.groups is None:
         raise InterventionError("patching needs both batches' position groups: Batch(ids, mask, encode(...).groups)")
     if base.input_ids.shape[0] != donor.input_ids.shape[0]:
         raise InterventionError(f"the donor batch has {donor.input_ids.shape[0]} rows for the base's "
                                 f"{base.input_ids.shape[0]}; give one donor prompt per base prompt")
-    pairs = edge_pairs(kind, base.groups)
-    senders = [torch.nonzero(pairs[row].any(0)).flatten().tolist() for row in range(pairs.shape[0])]
-    width = max(len(s) for s in senders)
-    index = torch.zeros(len(senders), width, dtype=torch.long)
-    valid = torch.zeros(len(senders), width, dtype=torch.bool)
-    donor_index = torch.zeros_like(index)
-    for row, positions in enumerate(senders):
-        index[row, :len(positions)] = torch.tensor(positions)
-        valid[row, :len(positions)] = True
-        donor_index[row, :len(positions)] = torch.tensor(aligned_positions(base.groups, donor.groups, row, positions))
-    reads = pairs[torch.arange(len(senders))[:, None, None], torch.arange(pairs.shape[1])[None, :, None],
-                  index[:, None, :]] & valid[:, None, :]
-    model = getattr(loaded, "model", loaded)
-    inputs = _attention_inputs(model, arch, blocks, donor)
-    rows = torch.arange(len(senders))[:, None]
+    plan = patch_plan(edge_pairs(edge_type(edge), base.groups), base.groups, donor.groups,
+                      chosen_heads(heads, arch.n_heads))
+    inputs = attention_inputs(getattr(loaded, "model", loaded), arch, blocks, donor)
     with ExitStack() as stack:
-        for block in blocks:
-            donor_inputs = inputs[block][rows.to(inputs[block].device), donor_index.to(inputs[block].device)]
-            device = inputs[block].device
-            ext = _Extension(index.to(device), valid.to(device), donor_inputs, reads.to(device))
-            _patch_hooks(arch, block, pairs, ext, stack)
+        install_patch(arch, blocks, plan, inputs, stack)
         yield
+
+
+class EdgePatch(_EdgeIntervention):
+    """Patch the attention edge ``edge`` in ``blocks`` (block indices 0..L-1), for all heads or the query heads
+    ``heads``, from donor prompts: the edge's receivers read the keys and values of their senders from a donor run
+    (the mechanism of :func:`patched_edge`). ``donor`` is a spec (:mod:`extraction.donors`: ``shuffled``,
+    ``demos:SEED``, ``task:NAME``) from which every base prompt's donor is rebuilt; the record keeps the spec, so a
+    group's own prompts and its record rebuild its donors exactly (:meth:`donors`).
+
+    ``extract`` prepares it with the run's prompts, which also checks before anything runs that every donor aligns
+    with its base prompt on the edge's senders. Around your own forward passes call :meth:`prepare` first, then
+    :meth:`applied` with ``Batch(ids, mask, encoded.groups, tuple(prompts))``. The donor runs once per batch, under
+    the interventions listed before this one in the run (none in a run of this one alone).
+    """
+
+    kind = "edge_patch"
+    direction = PATCH_DIRECTION
+    usage: ClassVar[str] = "EdgePatch(edge, blocks=range(first, last + 1), heads=None, donor='shuffled')"
+
+    def __init__(self, edge: str, blocks: Sequence[int], heads: Sequence[int] | None = None,
+                 donor: str | DonorSpec = "shuffled", *, origin: Mapping[str, Any] | None = None):
+        super().__init__(edge, blocks, heads, origin)
+        self.donor = DonorSpec.parse(donor)
+        self._loaded: Any = None
+        self._donors: dict[Prompt, Prompt] = {}
+
+    def prepare(self, loaded: Any, task: Task, prompts: PromptSet) -> None:
+        """Build the donor of every prompt of ``prompts`` (the set ``task`` built) and check that they align."""
+        self._loaded = loaded
+        self._donors = dict(zip(prompts.prompts, donor_prompts(self.donor, task, prompts)))
+        arch = architecture_of(loaded)
+        base = encode(loaded.tokenizer, prompts.prompts, max_length=arch.max_context)
+        donors = encode(loaded.tokenizer, self.donors(prompts.prompts), max_length=arch.max_context)
+        patch_plan(edge_pairs(self.edge, base.groups), base.groups, donors.groups)
+
+    def donors(self, prompts: Sequence[Prompt]) -> list[Prompt]:
+        """The donor prompt of each of ``prompts`` (prompts of the prepared set)."""
+        if self._loaded is None:
+            raise InterventionError("an edge patch builds its donors from the run's prompts: pass it to extract(), "
+                                    "or call prepare(loaded, task, prompts) before applied()")
+        missing = [p.query_index for p in prompts if p not in self._donors]
+        if missing:
+            raise InterventionError(f"prompts with queries {missing[:5]} are not among the prompts the patch was "
+                                    "prepared with; call prepare() with the prompt set they come from")
+        return [self._donors[p] for p in prompts]
+
+    def install(self, arch: Architecture, batch: Batch | None, stack: ExitStack) -> None:
+        pairs = self._pairs(batch)
+        if batch.prompts is None:
+            raise InterventionError("an edge patch needs the rows' prompts to build their donors: give applied() a "
+                                    "Batch(input_ids, attention_mask, encoded.groups, tuple(prompts))")
+        prompts = self.donors(batch.prompts)
+        donors = encode(self._loaded.tokenizer, prompts, max_length=arch.max_context)
+        model = getattr(self._loaded, "model", self._loaded)
+        device = next(model.parameters()).device
+        donor = Batch(donors.input_ids.to(device), donors.attention_mask.to(device), donors.groups)
+        plan = patch_plan(pairs, batch.groups, donor.groups, chosen_heads(self.heads, arch.n_heads))
+        inputs = attention_inputs(model, arch, self.blocks, donor)
+        install_patch(arch, self.blocks, plan, inputs, stack)
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "donor": self.donor.text, "donor_prompts": self.donor.about}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> EdgePatch:
+        return cls(record["edge"], record["blocks"], record["heads"], record["donor"], origin=record.get("origin"))

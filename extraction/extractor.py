@@ -138,7 +138,6 @@ def extract(
     refuse_active(loaded.arch)
     for item in interventions:
         item.check(loaded.arch)
-    records = [item.describe() for item in interventions] or None
     if store_dtype not in STORE_DTYPES:
         raise StoreError(f"store_dtype must be one of {', '.join(STORE_DTYPES)}, not {store_dtype!r}")
     if batch_size < 1:
@@ -148,6 +147,9 @@ def extract(
                                  sampling=sampling, label_mode=label_mode, label_words=label_words,
                                  allow_multitoken_labels=allow_multitoken_labels)
     prompts = build_prompts(task_obj, prompt_config)
+    for item in interventions:
+        item.prepare(loaded, task_obj, prompts)
+    records = [item.describe() for item in interventions] or None
     tokens = label_token_ids(loaded.tokenizer, prompts)
     longest = check_context(loaded, prompts)
     setting = setting or default_setting(shots)
@@ -269,7 +271,8 @@ def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, item
     for pick in _length_batches(loaded, items, batch_size):
         batch = [items[j] for j in pick]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
-        with intervening(interventions, loaded.arch, Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)):
+        with intervening(interventions, loaded.arch,
+                         Batch(encoded.input_ids, encoded.attention_mask, encoded.groups, tuple(batch))):
             states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)
         lens = logit_lens(loaded, states, tokens)
         labels = np.array([p.label for p in batch])

@@ -41,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -50,6 +50,10 @@ from torch import nn
 from extraction.architecture import Architecture, discover_architecture
 from extraction.errors import InterventionError
 from extraction.positions import PositionGroups
+
+if TYPE_CHECKING:
+    from extraction.prompts import Prompt, PromptSet
+    from extraction.tasks import Task
 
 #: A head as (block, head): block index 0..L-1, query-head index within the block.
 Head = tuple[int, int]
@@ -62,11 +66,13 @@ SHARED_DIMS = ("dim",)
 @dataclass(frozen=True)
 class Batch:
     """The prompts a forward pass is about to run (tensors may still be on the CPU), with each token's position
-    group when the prompts have them (:class:`extraction.positions.PositionGroups`; edge knockouts need them)."""
+    group when the prompts have them (:class:`extraction.positions.PositionGroups`; edge knockouts need them) and
+    the rows' :class:`~extraction.prompts.Prompt` objects (edge patches build their donors from them)."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     groups: PositionGroups | None = None
+    prompts: tuple[Prompt, ...] | None = None
 
 
 def architecture_of(target: Any) -> Architecture:
@@ -122,6 +128,10 @@ class Intervention(ABC):
     @abstractmethod
     def check(self, arch: Architecture) -> None:
         """Raise an InterventionError unless this intervention fits ``arch``."""
+
+    def prepare(self, loaded: Any, task: Task, prompts: PromptSet) -> None:
+        """Called by a run before its first batch with its model, task and prompts (for kinds that build something
+        from them, like an edge patch's donors; nothing by default)."""
 
     @abstractmethod
     def install(self, arch: Architecture, batch: Batch | None, stack: ExitStack) -> None:

@@ -176,7 +176,8 @@ def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int]) -> None
             )
 
 
-def _sample_demos(task: Task, rng: np.random.Generator, shots: int, sampling: str) -> np.ndarray:
+def sample_demos(task: Task, rng: np.random.Generator, shots: int, sampling: str) -> np.ndarray:
+    """``shots`` demonstration indices from the task's pool (``uniform`` or class-``balanced``), drawn with ``rng``."""
     if sampling == "uniform":
         return rng.choice(task.train, size=shots, replace=False)
     per_class = np.full(task.n_classes, shots // task.n_classes)
@@ -221,17 +222,18 @@ def build_prompts(task: Task, config: PromptConfig | None = None, **overrides) -
     queries = rng.permutation(task.test)[: config.n]
     prompts = []
     for query in queries:
-        demos = _sample_demos(task, rng, config.shots, config.sampling) if config.shots else np.array([], int)
+        demos = sample_demos(task, rng, config.shots, config.sampling) if config.shots else np.array([], int)
         shown = task.labels[demos]
         if config.label_mode == "random":
             shown = rng.integers(task.n_classes, size=len(demos))
-        prompts.append(_assemble(template, config.separator, task, int(query), demos, shown, words))
-    probes = tuple(_assemble(template, config.separator, task, int(queries[0]), queries[:1], [label], words)
+        prompts.append(assemble_prompt(template, config.separator, task, int(query), demos, shown, words))
+    probes = tuple(assemble_prompt(template, config.separator, task, int(queries[0]), queries[:1], [label], words)
                    for label in range(len(words)))
     return PromptSet(prompts, words, template, config, task.name, probes, label_prefix_space(template))
 
 
-def _assemble(template: str, separator: str, task: Task, query: int, demos, shown, words: tuple[str, ...]) -> Prompt:
+def assemble_prompt(template: str, separator: str, task: Task, query: int, demos, shown, words: tuple[str, ...]
+                    ) -> Prompt:
     """The prompt ``demo_1 sep ... demo_k sep query`` (the query's template stops before its label's whitespace)."""
     head = template[: template.index("{label}")]
     space = len(label_prefix_space(template))

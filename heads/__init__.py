@@ -38,6 +38,7 @@ _EXPORTS = {
     "edge_scan": "heads.flow",
     "flow_table": "heads.flow",
     "EdgeKnockout": "extraction.edges",
+    "EdgePatch": "extraction.edges",
     "EDGE_TYPES": "extraction.edges",
     "patched_edge": "extraction.edges",
     "study": "heads.pipeline",

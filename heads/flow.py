@@ -1,12 +1,16 @@
-"""Edge scans ([B], contextualize-then-aggregate): knock out each attention edge type over sliding block windows.
+"""Edge scans ([B], contextualize-then-aggregate): knock out or patch each attention edge type over sliding block
+windows.
 
-For every edge type (:data:`extraction.edges.EDGE_TYPES`: ``A -> B`` = receivers B stop reading senders A) and every
-window of ``width`` consecutive blocks (stride 1; window ``w`` = blocks ``w .. w + width - 1``), the prompts run with
-the edge knocked out in the window's blocks, all heads, and the answer is read at the final position:
+For every edge type (:data:`extraction.edges.EDGE_TYPES`: ``A -> B``, senders A, receivers B) and every window of
+``width`` consecutive blocks (stride 1; window ``w`` = blocks ``w .. w + width - 1``), the prompts run with the edge
+intervened on in the window's blocks, all heads, and the answer is read at the final position. The intervention is
+the ``mode``: ``knockout`` (receivers stop reading senders, :class:`extraction.edges.EdgeKnockout`) or ``patch``
+(receivers read their senders' keys and values from a donor run, :class:`extraction.edges.EdgePatch`; the donor
+prompts from a spec such as ``shuffled``, ``demos:1`` or ``task:topic``, :mod:`extraction.donors`).
 
 * ``accuracy``: label-restricted (argmax over the label words' logits is the gold class);
 * ``vocab_accuracy``: whole vocabulary (the top-1 token is the gold label word's token);
-* ``logit_change``: the gold label word's logit under knockout minus without, per prompt;
+* ``logit_change``: the gold label word's logit under the intervention minus without, per prompt;
 
 each as its mean over prompts with a stratified bootstrap percentile interval (``*_low``, ``*_high``), and the
 accuracies also as changes from the clean run (``accuracy_change``, ``vocab_accuracy_change``, intervals of the
@@ -14,12 +18,14 @@ paired differences).
 
 Methods, which give the same numbers (checked in the tests and ``benchmarks/flow.py``):
 
-* ``naive``: one full forward pass per (edge type, window) cell with :class:`extraction.edges.EdgeKnockout`.
-* ``fast``: one clean pass per batch records every decoder layer's call (as the single-head sweep does). For window
-  ``w`` the batch is stacked with one copy per edge type, and only blocks ``w .. L-1`` re-run from block ``w``'s
-  recorded input, the window's attention modules getting each copy's knocked-out mask; nothing below the window is
-  recomputed. Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the
-  model's own logits on every clean pass.
+* ``naive``: one full forward pass per (edge type, window) cell with the intervention object (a patch also runs its
+  donor per cell).
+* ``fast``: one clean pass per batch records every decoder layer's call (as the single-head sweep does), and in
+  patch mode one donor pass records every block's attention input. For window ``w`` the batch is stacked with one
+  copy per edge type, and only blocks ``w .. L-1`` re-run from block ``w``'s recorded input, the window's attention
+  modules getting each copy's knocked-out mask (or extended key set); nothing below the window is recomputed.
+  Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the model's own
+  logits on every clean pass.
 
 >>> import heads.flow as flow
 >>> flow.windows(n_blocks=4, width=3)
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import ExitStack
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -39,11 +45,13 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from extraction.capture import forward_last
-from extraction.edges import (DIRECTION, EDGE_TYPES, EdgeKnockout, check_masked_attention, edge_pairs, edge_type,
-                              install_mask_edit)
-from extraction.interventions import Batch
+from extraction.donors import DonorSpec, donor_prompts
+from extraction.edges import (EDGE_TYPES, EdgeKnockout, EdgePatch, attention_inputs, check_masked_attention,
+                              edge_pairs, edge_type, install_mask_edit, install_patch, patch_plan)
+from extraction.interventions import Batch, Intervention
 from extraction.models import LoadedModel
-from extraction.prompts import Encoded
+from extraction.positions import PositionGroups
+from extraction.prompts import Encoded, Prompt, encode
 from extraction.tasks import Task
 from geometry.bootstrap import CI_LEVEL, resample_counts
 from heads.errors import HeadsError
@@ -54,11 +62,14 @@ from heads.sweeps import METHODS, check_readout
 log = logging.getLogger(__name__)
 
 DEFAULT_WIDTH = 3
+#: Interventions a scan applies to each (edge, window) cell.
+MODES = ("knockout", "patch")
+DEFAULT_DONOR = "shuffled"
 #: Per-prompt quantities averaged into each cell (name -> what it is).
 PER_PROMPT = {
-    "accuracy": "label-restricted accuracy under knockout (argmax over the label words)",
-    "vocab_accuracy": "whole-vocabulary accuracy under knockout (top-1 token is the gold label word's token)",
-    "logit_change": "gold label word's logit, knocked out minus clean",
+    "accuracy": "label-restricted accuracy under the intervention (argmax over the label words)",
+    "vocab_accuracy": "whole-vocabulary accuracy under the intervention (top-1 token is the gold label word's token)",
+    "logit_change": "gold label word's logit, intervened minus clean",
 }
 
 
@@ -83,36 +94,76 @@ class _Cells:
         self.top_token[edge, window, index] = logits.argmax(-1).numpy()
 
 
-def _batch(encoded: Encoded, device) -> Batch:
-    return Batch(encoded.input_ids.to(device), encoded.attention_mask.to(device), encoded.groups)
+def _batch(reference: PromptBatches, index: np.ndarray, encoded: Encoded, device) -> Batch:
+    return Batch(encoded.input_ids.to(device), encoded.attention_mask.to(device), encoded.groups,
+                 tuple(reference.prompts.prompts[i] for i in index))
 
 
 @torch.no_grad()
 def _naive(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
-           cells: _Cells, progress: bool) -> None:
+           cells: _Cells, cell: Callable[[str, tuple[int, ...]], Intervention], progress: bool) -> None:
     bar = tqdm(total=len(reference.batches) * (1 + len(edges) * len(spans)), desc="flow (naive)", disable=not progress)
+    interventions = {(edge, blocks): cell(edge, blocks) for edge in edges for blocks in spans}
     for index, encoded in reference.batches:
-        batch = _batch(encoded, loaded.device)
+        batch = _batch(reference, index, encoded, loaded.device)
         logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
         cells.clean_label_logits[index] = logits[:, reference.label_tokens].numpy()
         cells.clean_top_token[index] = logits.argmax(-1).numpy()
         bar.update()
         for e, edge in enumerate(edges):
             for w, blocks in enumerate(spans):
-                with EdgeKnockout(edge, blocks).applied(loaded, batch):
+                with interventions[edge, blocks].applied(loaded, batch):
                     logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
                 cells.put(e, w, index, logits, reference.label_tokens)
                 bar.update()
     bar.close()
 
 
+class _Knockouts:
+    """Fast-method edits of a batch stacked with one copy per edge: copy (prompt p, edge e) = row p * E + e has edge
+    e knocked out."""
+
+    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str]):
+        self.blocked = _stacked_pairs(encoded, edges)[:, None].to(loaded.device)
+        self.arch = loaded.arch
+
+    def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
+        install_mask_edit(self.arch, blocks, lambda: self.blocked, stack)
+
+
+class _Patches:
+    """Fast-method edits of the stacked batch (see :class:`_Knockouts`): copy (p, e) reads edge e's senders from
+    prompt p's donor, whose every block's attention input is recorded in one donor pass."""
+
+    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str], donors: list[Prompt]):
+        arch = self.arch = loaded.arch
+        donor = encode(loaded.tokenizer, donors, max_length=arch.max_context)
+        self.inputs = attention_inputs(loaded.model, arch, range(arch.n_layers),
+                                       Batch(donor.input_ids.to(loaded.device), donor.attention_mask.to(loaded.device)))
+        self.rows = torch.arange(len(donors)).repeat_interleave(len(edges))
+        self.plan = patch_plan(_stacked_pairs(encoded, edges), _rows(encoded.groups, self.rows),
+                               _rows(donor.groups, self.rows))
+
+    def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
+        install_patch(self.arch, blocks, self.plan, self.inputs, stack, donor_rows=self.rows)
+
+
+def _stacked_pairs(encoded: Encoded, edges: list[str]) -> torch.Tensor:
+    """(B * E, T, T): the pairs of edge e for prompt p at row p * E + e."""
+    return torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1).flatten(0, 1)
+
+
+def _rows(groups: PositionGroups, rows: torch.Tensor) -> PositionGroups:
+    return PositionGroups(groups.kind[rows], groups.demo[rows])
+
+
 @torch.no_grad()
 def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
-          cells: _Cells, progress: bool) -> None:
+          cells: _Cells, edits: Callable[[np.ndarray, Encoded], _Knockouts | _Patches], progress: bool) -> None:
     arch = loaded.arch
     bar = tqdm(total=len(reference.batches) * len(spans), desc="flow (fast)", unit="window", disable=not progress)
     for index, encoded in reference.batches:
-        batch = _batch(encoded, loaded.device)
+        batch = _batch(reference, index, encoded, loaded.device)
         calls = LayerCalls(arch)
         with calls.recording():
             own = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
@@ -120,15 +171,13 @@ def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans
         cells.clean_label_logits[index] = own[:, reference.label_tokens].numpy()
         cells.clean_top_token[index] = own.argmax(-1).numpy()
         size = len(index)
-        # copy (prompt p, edge e) is row p * len(edges) + e of the stacked batch
-        blocked = torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1)
-        blocked = blocked.flatten(0, 1)[:, None].to(loaded.device)
-        rows = torch.arange(size).repeat_interleave(len(edges))
+        batch_edits = edits(index, encoded)
+        rows = torch.arange(size).repeat_interleave(len(edges))  # copy (prompt p, edge e) is row p * len(edges) + e
         for w, blocks in enumerate(spans):
             first = blocks[0]
             hidden = recorded_input(calls.calls[first], rows)
             with ExitStack() as stack:
-                install_mask_edit(arch, blocks, lambda: blocked, stack)
+                batch_edits.install(blocks, stack)
                 for block in range(first, arch.n_layers):
                     hidden = call_layer(arch.layers[block], hidden, calls.calls[block], size, rows)
             logits = arch.readout(hidden[:, -1]).cpu().view(size, len(edges), -1)
@@ -167,13 +216,17 @@ def edge_scan(
     edges: Sequence[str] | None = None,
     width: int = DEFAULT_WIDTH,
     method: str = "fast",
+    mode: str = "knockout",
+    donor: str | None = None,
     batch_size: int = 8,
     n_boot: int = 1000,
     progress: bool = True,
     **prompt_options: Any,
 ) -> xr.Dataset:
-    """Knock out every edge type (all of :data:`EDGE_TYPES`, or ``edges``) over every window of ``width`` blocks on
-    ``n`` seeded ``shots``-shot prompts of ``task``; see the module docstring for the quantities.
+    """Knock out (``mode="knockout"``) or patch from donor prompts (``mode="patch"``, ``donor`` a spec of
+    :mod:`extraction.donors`, default ``shuffled``) every edge type (all of :data:`EDGE_TYPES`, or ``edges``) over
+    every window of ``width`` blocks on ``n`` seeded ``shots``-shot prompts of ``task``; see the module docstring
+    for the quantities.
 
     Returns a Dataset over (edge, window) (coordinate ``window`` = the window's first block, ``window_last`` its last)
     with each quantity, its change, and ``*_low`` / ``*_high`` bootstrap intervals (``n_boot`` stratified
@@ -184,9 +237,15 @@ def edge_scan(
     >>> ds = edge_scan(loaded, task="sentiment", shots=4, n=8, width=2)          # doctest: +SKIP
     >>> ds["accuracy_change"].sel(edge="y->final").values                   # doctest: +SKIP
     >>> flow_table(ds).head()                                               # doctest: +SKIP
+    >>> edge_scan(loaded, mode="patch", donor="demos:1", edges=["y->final"])   # doctest: +SKIP
     """
     if method not in METHODS:
         raise HeadsError(f"unknown scan method {method!r}; use one of {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise HeadsError(f"unknown scan mode {mode!r}; use one of {', '.join(MODES)}")
+    if mode == "knockout" and donor is not None:
+        raise HeadsError("a donor is used only by mode='patch'; drop it or pass mode='patch'")
+    spec = DonorSpec.parse(donor or DEFAULT_DONOR) if mode == "patch" else None
     names = [edge_type(name).name for name in (edges if edges is not None else EDGE_TYPES)]
     if not names:
         raise HeadsError("no edge types to scan; give at least one of " + ", ".join(EDGE_TYPES))
@@ -197,9 +256,25 @@ def edge_scan(
     labels = reference.prompts.labels
     classes = list(reference.prompts.label_words)
     cells = _Cells(len(names), len(spans), n, len(classes))
-    log.info("scanning %d edge types x %d windows on %d %d-shot prompts (%s)", len(names), len(spans), n, shots,
-             method)
-    (_fast if method == "fast" else _naive)(loaded, reference, names, spans, cells, progress)
+    log.info("scanning %d edge types x %d windows on %d %d-shot prompts (%s, %s)", len(names), len(spans), n, shots,
+             mode, method)
+    kind = EdgePatch if spec else EdgeKnockout
+    if method == "naive":
+        def cell(edge: str, blocks: tuple[int, ...]) -> Intervention:
+            if spec is None:
+                return EdgeKnockout(edge, blocks)
+            patch = EdgePatch(edge, blocks, donor=spec)
+            patch.prepare(loaded, reference.task, reference.prompts)
+            return patch
+
+        _naive(loaded, reference, names, spans, cells, cell, progress)
+    elif spec is None:
+        _fast(loaded, reference, names, spans, cells, lambda index, encoded: _Knockouts(loaded, encoded, names),
+              progress)
+    else:
+        donors = donor_prompts(spec, reference.task, reference.prompts)
+        _fast(loaded, reference, names, spans, cells,
+              lambda index, encoded: _Patches(loaded, encoded, names, [donors[i] for i in index]), progress)
     gold_token = np.asarray(reference.label_tokens)[labels]
     gold = np.arange(n), labels
     values = {
@@ -221,23 +296,28 @@ def edge_scan(
         },
         coords={"edge": names, "window": [s[0] for s in spans], "window_last": ("window", [s[-1] for s in spans]),
                 "class": classes, "pairs": ("edge", [EDGE_TYPES[name].pairs_text for name in names])},
-        attrs={"method": method, "width": width, "direction": DIRECTION, "ci_level": CI_LEVEL, "n_boot": n_boot,
+        attrs={"method": method, "mode": mode, "donor": spec.text if spec else "", "width": width,
+               "direction": kind.direction, "ci_level": CI_LEVEL, "n_boot": n_boot,
                "clean_accuracy": float(clean["accuracy"].mean()),
                "clean_vocab_accuracy": float(clean["vocab_accuracy"].mean()),
                "prompts": reference.config(),
-               "knockout": "pre-softmax score -inf, all heads, every block of the window",
+               "intervention": f"{mode}{f' from donor {spec.text} ({spec.about})' if spec else ''}: all heads, "
+                               "every block of the window",
                **{f"about_{name}": text for name, text in PER_PROMPT.items()}},
     )
 
 
 def flow_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (edge, window, quantity): value and interval, with the window's first and last block."""
+    """One row per (edge, window, quantity): value and interval, with the window's first and last block and the
+    scan's mode (``knockout`` or ``patch``) and donor spec (empty for knockouts)."""
     rows = []
     quantities = [name for name in ds.data_vars if f"{name}_low" in ds.data_vars]
+    mode, donor = ds.attrs.get("mode", "knockout"), ds.attrs.get("donor", "")
     for edge in ds["edge"].values:
         for window, last in zip(ds["window"].values, ds["window_last"].values):
             for name in quantities:
-                cell = dict(edge=str(edge), window=int(window), window_last=int(last), quantity=name)
+                cell = dict(mode=mode, donor=donor, edge=str(edge), window=int(window), window_last=int(last),
+                            quantity=name)
                 for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high")):
                     cell[key] = float(ds[name + suffix].sel(edge=edge, window=window))
                 rows.append(cell)

@@ -23,6 +23,9 @@ consecutive blocks and see what breaks. Edge types (senders -> receivers):
   query->final   the query input -> the final position
 
 [B]'s finding on Gemma-2 2B: contextualization edges matter in lower layers, aggregation edges in higher ones.
+Besides blocking an edge, you can patch it: the receivers read their senders' keys and values from a donor prompt
+(DONOR: shuffled = same demonstrations, labels shuffled; demos:SEED = other demonstrations; task:NAME = another
+task's demonstrations; an optional :SEED on each).
 Run `icl-geometry flow STEP --help` for each step's options and examples."""
 
 EXAMPLES = {
@@ -31,11 +34,14 @@ EXAMPLES = {
   icl-geometry flow scan --n 32 --width 3 --out results/flow
   # two edge types only, wider windows, the model in bfloat16
   icl-geometry flow scan --edges y->x,y->final --width 4 --dtype bfloat16 --out results/flow
+  # patch instead of block: the edges read from prompts whose demonstration labels are shuffled
+  icl-geometry flow scan --patch shuffled --out results/flow-patch
 
 Writes OUT/flow.csv (one row per edge, window and quantity: value, low, high; window = first block, window_last
 = last block), OUT/flow.zarr (the whole Dataset, per-prompt label logits included) and OUT/flow_heatmap.png
-(window x edge: accuracy change and gold-label logit change, each cell with its bootstrap interval). Prints a JSON
-summary with the clean accuracy and the most harmful cells. Knockouts of one window share the clean pass below it.
+(window x edge: accuracy change and gold-label logit change, each cell with its bootstrap interval); the table's
+mode and donor columns say whether edges were knocked out or patched, and from which donor. Prints a JSON summary
+with the clean accuracy and the most harmful cells. Cells of one window share the clean pass below it.
 """,
     "knockout": """examples:
   # states of 64 8-shot prompts with aggregation (y->final) blocked in blocks 9-11, and every measure's change
@@ -47,6 +53,18 @@ Writes the group knockout_<edge>_<first>-<last> (or --setting) like `icl-geometr
 its attrs, extracts the clean group 'icl' with the same prompts if the store lacks it (or --baseline), measures
 both with every geometry measure and writes the change (knockout - clean) per layer and measure as CSV (columns
 group, baseline, layer, measure, value, baseline_value, change). Prints a JSON summary with both accuracies.
+""",
+    "patch": """examples:
+  # 64 8-shot prompts whose final position reads y_i from prompts with shuffled labels (the default) in blocks 9-11
+  icl-geometry flow patch results/store.zarr --edge y->final --window 9 --width 3 --out results/patch.csv
+  # contextualization patched from other demonstrations (seed 1) in blocks 0-2, heads 0 and 1 only
+  icl-geometry flow patch results/store.zarr --edge y->x --window 0 --heads 0,1 --donor demos:1
+
+Writes the group patch_<edge>_<first>-<last>_<donor> (or --setting) like `icl-geometry extract`, the edge patch and
+its donor spec in its attrs (the donor prompts are rebuilt from the spec and the group's prompts), extracts the
+clean group 'icl' with the same prompts if the store lacks it (or --baseline), and writes every geometry measure's
+change (patched - clean) per layer as CSV, as `flow knockout` does. Donors whose sender groups tokenize to other
+lengths than the base prompt's are refused before anything is written (x->y and x->final need donor 'shuffled').
 """,
 }
 
@@ -74,11 +92,12 @@ def run_scan(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     kwargs = prompt_kwargs(args)
     ds = edge_scan(_load(args), edges=_names(args.edges) if args.edges else None, width=args.width,
-                   method=args.method, batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet,
-                   **kwargs)
+                   method=args.method, mode="patch" if args.patch else "knockout", donor=args.patch,
+                   batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet, **kwargs)
     table = flow_table(ds)
-    summary = {"method": args.method, "seconds": round(time.perf_counter() - started, 1),
-               "clean_accuracy": ds.attrs["clean_accuracy"], "width": args.width}
+    summary = {"method": args.method, "mode": ds.attrs["mode"], "donor": ds.attrs["donor"],
+               "seconds": round(time.perf_counter() - started, 1), "clean_accuracy": ds.attrs["clean_accuracy"],
+               "width": args.width}
     if args.out:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -95,30 +114,46 @@ def run_scan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text)
+
+
 def knockout_group(edge: str, blocks: list[int]) -> str:
     """Default group name of a knockout: ``knockout_<edge>_<first>-<last>`` with the arrow written as ``-``."""
-    return f"knockout_{re.sub(r'[^A-Za-z0-9]+', '-', edge)}_{blocks[0]}-{blocks[-1]}"
+    return f"knockout_{_slug(edge)}_{blocks[0]}-{blocks[-1]}"
+
+
+def patch_group(edge: str, blocks: list[int], donor: str) -> str:
+    """Default group name of a patch: ``patch_<edge>_<first>-<last>_<donor>`` (arrow and colons written as ``-``)."""
+    return f"patch_{_slug(edge)}_{blocks[0]}-{blocks[-1]}_{_slug(donor)}"
 
 
 def run_knockout(args: argparse.Namespace) -> int:
-    from extraction.edges import EdgeKnockout
+    """``flow knockout`` and ``flow patch``: extract under the edge intervention, then every measure's change."""
+    from extraction.edges import EdgeKnockout, EdgePatch
     from extraction.extractor import accuracy, extract
     from geometry.sweep import measure
     from heads.pipeline import change_frame
 
     blocks = list(range(args.window, args.window + args.width))
     heads = [int(h) for h in _names(args.heads)] if args.heads else None
-    knockout = EdgeKnockout(args.edge, blocks, heads, origin={"command": "flow knockout"})
+    origin = {"command": f"flow {args.flow_command}"}
+    if args.flow_command == "patch":
+        intervention = EdgePatch(args.edge, blocks, heads, donor=args.donor, origin=origin)
+        group = args.setting or patch_group(args.edge, blocks, intervention.donor.text)
+    else:
+        intervention = EdgeKnockout(args.edge, blocks, heads, origin=origin)
+        group = args.setting or knockout_group(args.edge, blocks)
     loaded = _load(args)
-    knockout.check(loaded.arch)
-    group = args.setting or knockout_group(args.edge, blocks)
+    intervention.check(loaded.arch)
     kwargs = dict(batch_size=args.batch_size, progress=not args.quiet, **prompt_kwargs(args))
-    # The knockout first: an edge with no positions in these prompts fails before anything else is written.
+    # The intervention first: an edge with no positions in these prompts (or donors that do not align) fails before
+    # anything else is written.
     with cluster_options(args) as cluster:
-        blocked = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=knockout,
+        changed = extract(loaded, args.store, setting=group, overwrite=args.overwrite, intervention=intervention,
                           **cluster, **kwargs)
         clean = extract(loaded, args.store, setting=args.baseline, **cluster, **kwargs)
-    changes = change_frame(measure(blocked, group, n_boot=args.n_boot, progress=not args.quiet),
+    changes = change_frame(measure(changed, group, n_boot=args.n_boot, progress=not args.quiet),
                            measure(clean, args.baseline, n_boot=args.n_boot, progress=not args.quiet),
                            group, args.baseline)
     if args.out:
@@ -126,7 +161,7 @@ def run_knockout(args: argparse.Namespace) -> int:
         changes.to_csv(args.out, index=False)
     largest = changes.reindex(changes["change"].abs().sort_values(ascending=False).index).head(5)
     _print({"store": args.store, "group": group, "baseline": args.baseline, "blocks": blocks, "heads": heads,
-            "out": args.out, "accuracy": accuracy(blocked), "baseline_accuracy": accuracy(clean),
+            "out": args.out, "accuracy": accuracy(changed), "baseline_accuracy": accuracy(clean),
             "largest_changes": largest[["layer", "measure", "change"]].to_dict(orient="records")})
     return 0
 
@@ -134,7 +169,7 @@ def run_knockout(args: argparse.Namespace) -> int:
 def _add(commands, name: str, help_text: str, func) -> argparse.ArgumentParser:
     parser = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    if name == "knockout":
+    if name in ("knockout", "patch"):
         parser.add_argument("store", metavar="STORE", help="Zarr store (created if missing)")
     add_model_arguments(parser)
     add_prompt_arguments(parser)
@@ -159,15 +194,25 @@ def register(subparsers) -> None:
     scan.add_argument("--edges", default=None, metavar="E,E", help="comma-separated edge types (default: all six)")
     scan.add_argument("--method", default="fast", choices=["fast", "naive"],
                       help="fast: share the clean pass below each window (default); naive: one pass per cell")
+    scan.add_argument("--patch", default=None, metavar="DONOR",
+                      help="patch the edges from donor prompts instead of knocking them out (shuffled, demos:SEED, "
+                           "task:NAME; see `icl-geometry flow --help`)")
     scan.add_argument("--out", default=None, metavar="DIR", help="write flow.csv, flow.zarr and flow_heatmap.png here")
 
     knockout = _add(commands, "knockout", "extract states under one edge knockout; every measure's change",
                     run_knockout)
-    knockout.add_argument("--edge", required=True, help="the edge type to block (see `icl-geometry flow --help`)")
-    knockout.add_argument("--window", type=int, default=0, help="first block of the window (default 0)")
-    knockout.add_argument("--heads", default=None, metavar="H,H", help="query heads to block (default: all)")
-    knockout.add_argument("--setting", default=None, help="group name (default knockout_<edge>_<first>-<last>)")
-    knockout.add_argument("--baseline", default="icl", help="clean group to compare with (default icl)")
-    knockout.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
-    knockout.add_argument("--out", default=None, metavar="CSV", help="write the measure changes here")
-    add_cluster_arguments(knockout)
+    patch = _add(commands, "patch", "extract states under one edge patched from donor prompts; every measure's change",
+                 run_knockout)
+    patch.add_argument("--donor", default="shuffled", metavar="DONOR",
+                       help="donor prompts: shuffled (default), demos:SEED or task:NAME (optional :SEED)")
+    for step, name in ((knockout, "knockout"), (patch, "patch")):
+        step.add_argument("--edge", required=True, help=f"the edge type to {'block' if step is knockout else 'patch'}"
+                                                        " (see `icl-geometry flow --help`)")
+        step.add_argument("--window", type=int, default=0, help="first block of the window (default 0)")
+        step.add_argument("--heads", default=None, metavar="H,H", help="query heads to intervene on (default: all)")
+        step.add_argument("--setting", default=None, help=f"group name (default {name}_<edge>_<first>-<last>"
+                                                          f"{'_<donor>' if step is patch else ''})")
+        step.add_argument("--baseline", default="icl", help="clean group to compare with (default icl)")
+        step.add_argument("--overwrite", action="store_true", help="replace a group written with other settings")
+        step.add_argument("--out", default=None, metavar="CSV", help="write the measure changes here")
+        add_cluster_arguments(step)

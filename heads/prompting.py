@@ -24,11 +24,13 @@ PROMPT_OPTIONS = tuple(f.name for f in fields(PromptConfig) if f.name not in ("s
 
 @dataclass
 class PromptBatches:
-    """A prompt set, its label words' token ids and its batches as (example indices, left-padded encoding)."""
+    """A prompt set, its label words' token ids, its batches as (example indices, left-padded encoding) and the task
+    that built it."""
 
     prompts: PromptSet
     label_tokens: list[int]
     batches: list[tuple[np.ndarray, Encoded]]
+    task: Task | None = None
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description of the prompts (recorded with scores and interventions)."""
@@ -62,4 +64,4 @@ def prompt_batches(
         (index, encode(loaded.tokenizer, [prompts.prompts[i] for i in index], max_length=loaded.arch.max_context))
         for index in batches_by_length(loaded, prompts, np.arange(n), batch_size)
     ]
-    return PromptBatches(prompts, tokens, batches)
+    return PromptBatches(prompts, tokens, batches, task_obj)

@@ -197,38 +197,81 @@ def test_patching_from_the_base_itself_changes_nothing(loaded, batch, implementa
     torch.testing.assert_close(same[real], clean[real], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("edge", ["y->final", "y->x"])
-def test_patching_equals_the_hand_reference(loaded, batch, edge):
-    """Receiver q reads base keys except its senders, whose keys and values are the donor's: from the eager
-    weights of the base run (W_b) and of a run whose sender inputs are the donor's (W_d), the unnormalised weights
-    are W_b off the pairs and W_d * W_b[q, q] / W_d[q, q] on them, renormalised."""
-    from extraction.edges import aligned_positions, patched_edge
+@pytest.fixture(scope="module")
+def prompt_set():
+    task = load_task("sentiment")
+    return task, build_prompts(task, shots=SHOTS, n=3, seed=2)
 
-    block = 0
-    donor = _donor(loaded, batch)
-    pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
+
+def _prompt_batch(loaded, prompts):
+    encoded = encode(loaded.tokenizer, list(prompts))
+    return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups, tuple(prompts))
+
+
+def _block_input(loaded, block, batch):
+    args, kwargs = _record(loaded, block, batch)["call"]
+    return args, kwargs, (args[0] if args else kwargs["hidden_states"])
+
+
+@torch.no_grad()
+def _patch_reference(loaded, block, base, donor, pairs, heads):
+    """What ``block``'s output projection reads when receiver q takes the keys and values of its senders from the
+    donor: per row and per distinct sender set S, the eager module runs on the base input with the rows of S
+    replaced by the donor's inputs at the aligned positions (the base positions' rotary angles are kept), and each
+    receiver with that set takes its row of those eager weights times those values; the other positions, and the
+    heads not chosen, take the base run's weights times values."""
+    from extraction.edges import aligned_positions
+
     with eager_attention(loaded.model):
-        args, kwargs = _record(loaded, block, batch)["call"]
-        donor_args, donor_kwargs = _record(loaded, block, donor)["call"]
-        base_hidden = args[0] if args else kwargs["hidden_states"]
-        donor_hidden = donor_args[0] if donor_args else donor_kwargs["hidden_states"]
-        substituted = base_hidden.clone()
-        for row in range(pairs.shape[0]):
-            senders = torch.nonzero(pairs[row].any(0)).flatten().tolist()
-            substituted[row, senders] = donor_hidden[row, aligned_positions(batch.groups, donor.groups, row, senders)]
+        args, kwargs, base_hidden = _block_input(loaded, block, base)
+        _, _, donor_hidden = _block_input(loaded, block, donor)
         w_base, v_base = _weights_and_values(loaded, block, args, kwargs, base_hidden)
-        w_donor, v_donor = _weights_and_values(loaded, block, args, kwargs, substituted)
-        p = pairs[:, None].float()
-        ratio = (torch.diagonal(w_base, dim1=-2, dim2=-1) / torch.diagonal(w_donor, dim1=-2, dim2=-1))[..., None]
-        u = w_base * (1 - p) + w_donor * ratio * p
-        u = u / u.sum(-1, keepdim=True)
-        expected = (u * (1 - p)) @ v_base + (u * p) @ v_donor
-        b, h, t, d = expected.shape
-        expected = expected.transpose(1, 2).reshape(b, t, h * d)
-        with patched_edge(loaded, edge, [block], batch, donor):
-            got = _record(loaded, block, batch)["heads"][:, :t]  # the added key entries' rows are dropped
-        clean = _record(loaded, block, batch)["heads"]
-    real = batch.attention_mask.bool()
+        expected = w_base @ v_base  # (B, H, T, hd)
+        chosen = range(loaded.arch.n_heads) if heads is None else heads
+        for row in range(pairs.shape[0]):
+            sets = {}
+            for receiver in torch.nonzero(pairs[row].any(1)).flatten().tolist():
+                sets.setdefault(tuple(torch.nonzero(pairs[row, receiver]).flatten().tolist()), []).append(receiver)
+            for senders, receivers in sets.items():
+                substituted = base_hidden.clone()
+                substituted[row, list(senders)] = donor_hidden[
+                    row, aligned_positions(base.groups, donor.groups, row, senders)]
+                w, v = _weights_and_values(loaded, block, args, kwargs, substituted)
+                for head in chosen:
+                    expected[row, head, receivers] = w[row, head, receivers] @ v[row, head]
+    b, h, t, d = expected.shape
+    return expected.transpose(1, 2).reshape(b, t, h * d)
+
+
+#: (edge, donor, heads): receivers that are also senders (y->y), each donor kind, all and chosen heads.
+PATCHES = [("y->y", "demos:1", None), ("x->y", "shuffled", [1]), ("y->final", "task:topic", None),
+           ("query->final", "demos:3", [0, 3])]
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("edge,donor,heads", PATCHES)
+def test_edge_patch_equals_the_hand_reference(loaded, prompt_set, edge, donor, heads, implementation):
+    from extraction.edges import EdgePatch
+
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    task, prompts = prompt_set
+    block = 1
+    patch = EdgePatch(edge, blocks=[block], heads=heads, donor=donor)
+    patch.prepare(loaded, task, prompts)
+    base = _prompt_batch(loaded, prompts.prompts)
+    donor_batch = _prompt_batch(loaded, patch.donors(prompts.prompts))
+    pairs = edge_pairs(EDGE_TYPES[edge], base.groups)
+    expected = _patch_reference(loaded, block, base, donor_batch, pairs, heads)
+    previous = loaded.model.config._attn_implementation
+    loaded.model.set_attn_implementation(implementation)
+    try:
+        got = _record(loaded, block, base, patch.applied(loaded, base))["heads"]
+        clean = _record(loaded, block, base)["heads"]
+        got = got[:, :clean.shape[1]]  # the rows of the added key entries are dropped
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    real = base.attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
     assert (got[real] - clean[real]).abs().max() > 1e-4
 
@@ -259,3 +302,78 @@ def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch)
     finally:
         loaded.model.set_attn_implementation(previous)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_patch_group_extracts_records_and_rebuilds_its_donors(tiny_gemma, tmp_path):
+    """A patched re-extraction is a store group like any other: its record names the donor spec, and the record with
+    the group's own prompts rebuilds the same donors."""
+    from extraction.edges import EdgePatch
+    from extraction.extractor import extract
+    from extraction.interventions import recorded_interventions
+    from extraction.prompts import PromptConfig
+    from extraction.store import open_group
+
+    store = tmp_path / "s.zarr"
+    common = dict(task="sentiment", shots=3, n=8, batch_size=4, progress=False)
+    clean = extract(tiny_gemma, store, **common)
+    patch = EdgePatch("y->final", blocks=[2, 3], donor="demos:5", origin={"test": "patch"})
+    ds = extract(tiny_gemma, store, setting="patch", intervention=patch, **common)
+    (record,) = ds.attrs["intervention"]
+    assert record["kind"] == "edge_patch" and record["donor"] == "demos:5" and record["blocks"] == [2, 3]
+    assert "other demonstrations" in record["donor_prompts"]
+    (rebuilt,) = recorded_interventions(open_group(store, "patch"))
+    assert rebuilt.describe() == patch.describe()
+    task = load_task("sentiment")
+    prompts = build_prompts(task, PromptConfig(shots=3, n=8))
+    rebuilt.prepare(tiny_gemma, task, prompts)
+    assert rebuilt.donors(prompts.prompts) == patch.donors(prompts.prompts)
+    assert [p.query_index for p in patch.donors(prompts.prompts)] == [p.query_index for p in prompts.prompts]
+    np.testing.assert_allclose(ds["hidden"][:, :3].values, clean["hidden"][:, :3].values, atol=1e-5)
+    assert np.abs(ds["hidden"][:, 4].values - clean["hidden"][:, 4].values).max() > 1e-4
+
+
+def test_donor_specs(prompt_set):
+    from extraction.donors import DonorSpec, donor_prompts
+
+    task, prompts = prompt_set
+    assert DonorSpec.parse("shuffled").text == "shuffled:0" and DonorSpec.parse("task:topic:3").task == "topic"
+    shuffled = donor_prompts(DonorSpec.parse("shuffled"), task, prompts)
+    for base, donor in zip(prompts.prompts, shuffled):
+        assert donor.demo_indices == base.demo_indices and donor.query_index == base.query_index
+        assert sorted(donor.demo_labels) == sorted(base.demo_labels)
+        # as many labels moved as the two classes allow (a random permutation often moves none)
+        moved = sum(d != l for d, l in zip(donor.demo_labels, base.demo_labels))
+        assert moved == 2 * min(base.demo_labels.count(0), base.demo_labels.count(1))
+    other = donor_prompts(DonorSpec.parse("demos:1"), task, prompts)
+    assert all(d.demo_indices != b.demo_indices and d.query_index == b.query_index
+               for b, d in zip(prompts.prompts, other))
+    # a prompt's donor does not depend on the other prompts of the run
+    assert donor_prompts(DonorSpec.parse("demos:1"), task, prompts, prompts.prompts[1:2]) == other[1:2]
+    assert "Article:" in donor_prompts(DonorSpec.parse("task:topic"), task, prompts)[0].text
+
+
+def test_bad_patch_input_is_one_clear_error(loaded, prompt_set, tmp_path):
+    from extraction.edges import EdgePatch
+    from extraction.extractor import extract
+
+    task, prompts = prompt_set
+    for spec in ("reversed", "demos", "demos:x", "task:", "shuffled:1:2"):
+        with pytest.raises(InterventionError, match=f"unknown donor {spec!r}; use shuffled, shuffled:SEED"):
+            EdgePatch("y->final", [0], donor=spec)
+    with pytest.raises(InterventionError, match="unknown edge type 'y->z'"):
+        EdgePatch("y->z", [0])
+    with pytest.raises(InterventionError, match="outside the model's blocks"):
+        EdgePatch("y->x", [loaded.arch.n_layers]).check(loaded.arch)
+    with pytest.raises(InterventionError, match=r"heads \[9\] are outside"):
+        EdgePatch("y->x", [0], heads=[9]).check(loaded.arch)
+    base = _prompt_batch(loaded, prompts.prompts)
+    with pytest.raises(InterventionError, match="call prepare"):
+        with EdgePatch("y->final", [0]).applied(loaded, base):
+            pass
+    # x_i of other demonstrations tokenize to other lengths: refused before anything is written
+    with pytest.raises(InterventionError, match="group of demonstration 1 is .* cannot be aligned"):
+        extract(loaded, tmp_path / "s.zarr", task="sentiment", shots=SHOTS, n=3, seed=2, progress=False,
+                intervention=EdgePatch("x->y", [0], donor="demos:1"))
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.raises(InterventionError, match="connects no positions"):
+        EdgePatch("y->y", [0]).prepare(loaded, task, build_prompts(task, shots=1, n=2))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from extraction.donors import DonorSpec
 from extraction.errors import InterventionError
 from extraction.models import load_model
 from heads.errors import HeadsError
@@ -30,6 +31,21 @@ def test_fast_scan_equals_naive_loop(loaded):
     assert np.abs(fast["logit_change"].values).max() > 1e-4
 
 
+def test_fast_patch_scan_equals_naive_loop(loaded):
+    """Patching the edges from donor prompts of other lengths (other demonstrations; x_i do not align, so the edges
+    that send from x are left out): the fast method (shared clean pass, one donor pass) equals one full forward pass
+    per cell with EdgePatch."""
+    donor = "demos:1"
+    settings = {**SETTINGS, "mode": "patch", "donor": donor, "edges": ["y->x", "y->y", "y->final", "query->final"]}
+    fast = edge_scan(loaded, method="fast", **settings)
+    naive = edge_scan(loaded, method="naive", **settings)
+    np.testing.assert_allclose(fast["label_logits"], naive["label_logits"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(fast["top_token"], naive["top_token"])
+    np.testing.assert_allclose(fast["logit_change"], naive["logit_change"], atol=1e-4)
+    assert np.abs(fast["logit_change"].values).max() > 1e-4
+    assert fast.attrs["mode"] == "patch" and fast.attrs["donor"] == DonorSpec.parse(donor).text
+
+
 def test_scan_layout_and_table(tiny_gemma):
     ds = edge_scan(tiny_gemma, **SETTINGS)
     assert ds["accuracy"].dims == ("edge", "window")
@@ -40,7 +56,11 @@ def test_scan_layout_and_table(tiny_gemma):
     table = flow_table(ds)
     assert len(table) == 6 * 3 * len({"accuracy", "accuracy_change", "vocab_accuracy", "vocab_accuracy_change",
                                        "logit_change"})
-    assert set(table.columns) == {"edge", "window", "window_last", "quantity", "value", "low", "high"}
+    assert set(table.columns) == {"mode", "donor", "edge", "window", "window_last", "quantity", "value", "low",
+                                  "high"}
+    assert (table["mode"] == "knockout").all() and (table["donor"] == "").all()
+    patched = flow_table(edge_scan(tiny_gemma, mode="patch", edges=["y->final"], **SETTINGS))
+    assert (patched["mode"] == "patch").all() and (patched["donor"] == "shuffled:0").all()
 
 
 def test_bad_scan_input(tiny_gemma):
@@ -50,6 +70,15 @@ def test_bad_scan_input(tiny_gemma):
         edge_scan(tiny_gemma, **{**SETTINGS, "width": 9})
     with pytest.raises(InterventionError, match="connects no positions"):
         edge_scan(tiny_gemma, edges=["y->y"], **{**SETTINGS, "shots": 1})
+    with pytest.raises(HeadsError, match="unknown scan mode 'ablate'; use one of knockout, patch"):
+        edge_scan(tiny_gemma, mode="ablate", **SETTINGS)
+    with pytest.raises(HeadsError, match="a donor is used only by mode='patch'"):
+        edge_scan(tiny_gemma, donor="shuffled", **SETTINGS)
+    with pytest.raises(InterventionError, match="unknown donor 'other'"):
+        edge_scan(tiny_gemma, mode="patch", donor="other", **SETTINGS)
+    for method in ("fast", "naive"):
+        with pytest.raises(InterventionError, match="cannot be aligned"):
+            edge_scan(tiny_gemma, mode="patch", donor="demos:1", edges=["x->final"], method=method, **SETTINGS)
 
 
 @pytest.mark.real_model
@@ -61,3 +90,17 @@ def test_small_scan_on_the_real_model(real_model):
     assert np.isfinite(ds["logit_change"].values).all()
     # knocking out y->final in nearly every block changes the answer's logit
     assert np.abs(ds["logit_change"].sel(edge="y->final").values).max() > 1e-3
+
+
+@pytest.mark.real_model
+def test_small_patch_scan_on_the_real_model(real_model):
+    """Gemma 3 270M (sliding-window and full-attention blocks, GQA): the aggregation and contextualization edges
+    patched from shuffled-label donors over 2 windows; the fast scan equals the naive loop."""
+    width = real_model.arch.n_layers - 1
+    settings = dict(task="sentiment", shots=3, n=2, width=width, batch_size=2, n_boot=50, progress=False,
+                    mode="patch", donor="shuffled:1", edges=["y->x", "y->final"])
+    fast = edge_scan(real_model, method="fast", **settings)
+    naive = edge_scan(real_model, method="naive", **settings)
+    np.testing.assert_allclose(fast["label_logits"], naive["label_logits"], atol=2e-3, rtol=1e-3)
+    assert np.isfinite(fast["logit_change"].values).all()
+    assert np.abs(fast["logit_change"].sel(edge="y->final").values).max() > 1e-3

@@ -45,11 +45,36 @@ def test_knockout_writes_measure_changes(tiny_gemma_dir, tmp_path, capsys):
     assert (changes["group"] == summary["group"]).all()
 
 
+def test_scan_and_patch_with_a_donor(tiny_gemma_dir, tmp_path, capsys):
+    """``flow scan --patch`` labels its table with the mode and donor; ``flow patch`` writes a recorded patch group
+    and every measure's change against the clean group (the geometry tie of issue 10, item 6, for patching)."""
+    out = tmp_path / "flow"
+    assert main(["flow", "scan", "--model", str(tiny_gemma_dir), *SMALL, "--width", "2", "--edges", "y->final",
+                 "--patch", "demos:1", "--n-boot", "20", "--quiet", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["mode"] == "patch" and summary["donor"] == "demos:1"
+    table = pd.read_csv(out / "flow.csv", keep_default_na=False)
+    assert set(table["mode"]) == {"patch"} and set(table["donor"]) == {"demos:1"}
+    store, changes = tmp_path / "s.zarr", tmp_path / "changes.csv"
+    assert main(["flow", "patch", str(store), "--model", str(tiny_gemma_dir), "--shots", "2", "--n", "8",
+                 "--sampling", "balanced", "--edge", "y->final", "--window", "1", "--width", "2", "--heads", "0,2",
+                 "--n-boot", "0", "--quiet", "--out", str(changes)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["group"] == "patch_y-final_1-2_shuffled-0"
+    (record,) = xr.open_zarr(store, group=summary["group"]).attrs["intervention"]
+    assert (record["kind"], record["donor"], record["heads"]) == ("edge_patch", "shuffled:0", [0, 2])
+    frame = pd.read_csv(changes)
+    assert (frame["group"] == summary["group"]).all() and frame["change"].abs().max() > 0
+
+
 @pytest.mark.parametrize("argv, words", [
     (["scan", "--edges", "y->nowhere"], "unknown edge type"),
     (["scan", "--width", "99"], "does not fit"),
     (["knockout", "STORE", "--edge", "y->final", "--window", "40"], "outside the model"),
     (["knockout", "STORE", "--edge", "y->x", "--shots", "1"], "connects no positions"),
+    (["scan", "--patch", "elsewhere"], "unknown donor 'elsewhere'"),
+    (["patch", "STORE", "--edge", "x->final", "--donor", "demos:1"], "cannot be aligned"),
+    (["patch", "STORE", "--edge", "y->final", "--donor", "task:nothing"], "unknown task 'nothing'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_gemma_dir, tmp_path, capsys, argv, words):
     argv = [str(tmp_path / "s.zarr") if a == "STORE" else a for a in argv]
@@ -59,7 +84,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_gemma_dir, tmp_path, capsys, argv
     assert code == 2 and words in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("step", ["scan", "knockout"])
+@pytest.mark.parametrize("step", ["scan", "knockout", "patch"])
 def test_help_teaches_with_examples(step, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["flow", step, "--help"])
