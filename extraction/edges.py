@@ -488,12 +488,20 @@ class EdgePatch(_EdgeIntervention):
 
     def prepare(self, loaded: Any, task: Task, prompts: PromptSet) -> None:
         """Build the donor of every prompt of ``prompts`` (the set ``task`` built) and check that they align."""
-        self._loaded = loaded
+        self.bind(loaded)
         self._donors = dict(zip(prompts.prompts, donor_prompts(self.donor, task, prompts)))
         arch = architecture_of(loaded)
         base = encode(loaded.tokenizer, prompts.prompts, max_length=arch.max_context)
         donors = encode(loaded.tokenizer, self.donors(prompts.prompts), max_length=arch.max_context)
         patch_plan(edge_pairs(self.edge, base.groups), base.groups, donors.groups)
+
+    def bind(self, loaded: Any) -> None:
+        """Run the donors on ``loaded``: the model of the process that applies the patch."""
+        self._loaded = loaded
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (for a Dask worker) with its donors but without the model: the worker binds its own copy."""
+        return {**self.__dict__, "_loaded": None}
 
     def donors(self, prompts: Sequence[Prompt]) -> list[Prompt]:
         """The donor prompt of each of ``prompts`` (prompts of the prepared set)."""

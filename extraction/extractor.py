@@ -268,6 +268,8 @@ def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, item
                bar: Any = None) -> None:
     """Extract ``items`` (the prompts of examples ``index``, all in one chunk) batch by batch into ``writer``."""
     label_tokens = np.array(tokens)
+    for item in interventions:
+        item.bind(loaded)
     for pick in _length_batches(loaded, items, batch_size):
         batch = [items[j] for j in pick]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)

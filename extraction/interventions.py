@@ -133,6 +133,10 @@ class Intervention(ABC):
         """Called by a run before its first batch with its model, task and prompts (for kinds that build something
         from them, like an edge patch's donors; nothing by default)."""
 
+    def bind(self, loaded: Any) -> None:
+        """Called by whichever process runs the batches (the client, or a Dask worker with its own copy of the
+        model) before it applies the intervention (for kinds that run the model themselves; nothing by default)."""
+
     @abstractmethod
     def install(self, arch: Architecture, batch: Batch | None, stack: ExitStack) -> None:
         """Change the model for one forward pass over ``batch`` (None outside a run); push every undo on ``stack``."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -69,6 +70,28 @@ def test_sharded_store_equals_the_single_process_store(tiny_gemma, reference, cl
     # each worker loaded the model once and kept it
     loads = client.run(lambda: len(sys.modules["extraction.distributed"]._MODELS))
     assert set(loads.values()) == {1}
+
+
+def test_an_edge_patch_runs_sharded_on_the_workers_own_model(tiny_gemma, client, tmp_path):
+    from extraction.edges import EdgePatch
+
+    def patch():
+        return EdgePatch("y->final", blocks=[0, 1], donor="shuffled")
+
+    single = extract(tiny_gemma, tmp_path / "s.zarr", intervention=patch(), **RUN)
+    sharded = extract(tiny_gemma, tmp_path / "d.zarr", client=client, intervention=patch(), **RUN)
+    assert_identical(sharded, single)
+    prepared = patch()
+    prepared.prepare(tiny_gemma, *_task_and_prompts())
+    assert len(pickle.dumps(prepared)) < 100_000  # the donors travel to the workers, the client's model does not
+
+
+def _task_and_prompts():
+    from extraction.prompts import PromptConfig, build_prompts
+    from extraction.tasks import load_task
+
+    task = load_task(RUN["task"])
+    return task, build_prompts(task, PromptConfig(shots=RUN["shots"], n=RUN["n"]))
 
 
 class KillOnce(distributed.WorkerPlugin):
