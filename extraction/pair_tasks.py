@@ -15,6 +15,7 @@ answer tokenized alone.
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from extraction.errors import AnswerTokenError, PromptError, TaskError
+from extraction.positions import Segment
 from extraction.prompts import covering_tokens
 from extraction.tasks import read_records, record_split
 
@@ -172,6 +174,30 @@ class PairPrompt:
         """Every part's character spans by group name: x, y, separator, template, query, final."""
         return {"x": list(self.input_spans), "y": list(self.output_spans), "separator": list(self.separator_spans),
                 "template": list(self.template_spans), "query": [self.query_span], "final": [self.final_span]}
+
+    @property
+    def answer_spans(self) -> tuple[Span, ...]:
+        """The demonstrations' outputs y_i (as :func:`extraction.prompts.encode` reads a prompt's shown answers)."""
+        return self.output_spans
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The parts as :mod:`extraction.positions` segments, in text order, so that :func:`extraction.prompts.encode`
+        gives pair prompts their tokens' position groups (x_i input, y_i output, separators, template, query; the
+        last token is the final position). A template piece belongs to the demonstration it is part of, the query's
+        to none."""
+        ends = [end for _, end in self.output_spans]
+
+        def demo(start: int) -> int:
+            index = bisect_right(ends, start)
+            return index if index < len(ends) else -1
+
+        parts = [Segment("input", i, *span) for i, span in enumerate(self.input_spans)]
+        parts += [Segment("output", i, *span) for i, span in enumerate(self.output_spans)]
+        parts += [Segment("separator", i, *span) for i, span in enumerate(self.separator_spans)]
+        parts += [Segment("template", demo(span[0]), *span) for span in self.template_spans]
+        parts.append(Segment("query", -1, *self.query_span))
+        return tuple(sorted(parts, key=lambda part: part.start))
 
 
 @dataclass(frozen=True)
