@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -135,6 +136,22 @@ def load_pair_task(name: str, *, template: str | None = None, separator: str = "
         return pair_task_from_records(path.stem, read_records(path), template=template, separator=separator)
     raise TaskError(f"unknown pair task {name!r}: choose one of {', '.join(list_pair_tasks())} or give a "
                     ".csv/.jsonl/.parquet file with input and output columns")
+
+
+def is_pair_task(task: Any) -> bool:
+    """Whether ``task`` is a pair task: a :class:`PairTask`, a built-in pair task's name, or a .csv/.jsonl/.parquet
+    file whose first record has an ``input`` column (classification files have ``text`` and ``label``)."""
+    if isinstance(task, PairTask):
+        return True
+    if not isinstance(task, (str, Path)):
+        return False
+    path = Path(task)
+    if str(task) in PAIR_TASKS:
+        return True
+    if path.suffix not in {".csv", ".jsonl", ".parquet"} or not path.is_file():
+        return False
+    records = read_records(path)
+    return bool(records) and "input" in records[0]
 
 
 @dataclass(frozen=True)
