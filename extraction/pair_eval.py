@@ -4,8 +4,10 @@ Batched greedy decoding with left padding; the first step is the plain next-toke
 With interventions every step is one forward pass over the whole sequence so far (prompt and tokens written), with
 no key/value cache, so an intervention sees each step's full batch exactly as ``extract`` shows it one
 (:class:`~extraction.interventions.Batch`); without, later steps feed only the new token with the model's cache.
-A row stops at the end-of-sequence token or once its answer (the text written, leading whitespace dropped)
-contains a stop string: the task's separator or a newline. The answer is the text before the stop, stripped; it
+Interventions see the prompts' position groups (:attr:`PairPrompt.segments`), and the tokens written so far join
+the final group: each is the position that predicts the answer's next token, so a knockout of ``y->final`` keeps
+every step of the answer from reading the demonstrations' outputs. A row stops at the end-of-sequence token or once
+its answer (the text written, leading whitespace dropped) contains a stop string: the task's separator or a newline. The answer is the text before the stop, stripped; it
 is exact when it equals the gold answer stripped.
 """
 
@@ -25,7 +27,8 @@ from extraction.interventions import Batch, Intervention, as_interventions, inte
 from extraction.models import LoadedModel
 from extraction.pair_tasks import PairPrompt, PairPromptConfig, PairTask, answer_tokens, build_pair_prompts, \
     load_pair_task
-from extraction.prompts import check_lengths
+from extraction.positions import FINAL, PositionGroups
+from extraction.prompts import check_lengths, encode
 
 #: Tokens written beyond the longest gold answer (in its tokens) before a row that has not stopped is cut off.
 EXTRA_TOKENS = 3
@@ -105,12 +108,14 @@ def _generate_batch(loaded: LoadedModel, prompts: Sequence[PairPrompt], stops: S
     tokenizer = loaded.tokenizer
     encoded = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    # groups only for interventions (edge interventions need them); a plain evaluation takes any template
+    groups = encode(tokenizer, list(prompts)).groups if interventions else None
     prompt_ids = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
     written: list[list[int]] = [[] for _ in prompts]
     done: list[Generation | None] = [None] * len(prompts)
     first, tracked, cache = [-1] * len(prompts), [()] * len(prompts), None
     for step in range(max_new_tokens):
-        logits, cache = _step(loaded, ids, mask, interventions, cache)
+        logits, cache = _step(loaded, Batch(ids, mask, _written_as_final(groups, step)), interventions, cache)
         chosen = logits.argmax(dim=-1)
         for row in range(len(prompts)):
             if done[row] is not None:
@@ -132,13 +137,22 @@ def _generate_batch(loaded: LoadedModel, prompts: Sequence[PairPrompt], stops: S
     return done
 
 
-def _step(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, interventions: Sequence[Intervention],
+def _written_as_final(groups: PositionGroups | None, written: int) -> PositionGroups | None:
+    """The prompt's groups followed by ``written`` tokens of the final group."""
+    if groups is None:
+        return None
+    extra = (groups.kind.shape[0], written)
+    return PositionGroups(torch.cat([groups.kind, torch.full(extra, FINAL, dtype=groups.kind.dtype)], 1),
+                          torch.cat([groups.demo, torch.full(extra, -1, dtype=groups.demo.dtype)], 1))
+
+
+def _step(loaded: LoadedModel, batch: Batch, interventions: Sequence[Intervention],
           cache: Any) -> tuple[torch.Tensor, Any]:
     """Next-token logits (B, V) on the CPU and the new key/value cache (None when interventions are applied: each
     step then runs over the whole sequence inside them)."""
-    device = loaded.device
+    device, ids, mask = loaded.device, batch.input_ids, batch.attention_mask
     if interventions:
-        with intervening(interventions, loaded.arch, Batch(ids, mask)):
+        with intervening(interventions, loaded.arch, batch):
             return forward_last(loaded.model, ids.to(device), mask.to(device)).cpu(), None
     positions = position_ids(mask)
     fed = slice(None) if cache is None else slice(-1, None)

@@ -15,14 +15,17 @@ answer tokenized alone.
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from extraction.errors import AnswerTokenError, PromptError, TaskError
+from extraction.positions import Segment
 from extraction.prompts import covering_tokens
 from extraction.tasks import read_records, record_split
 
@@ -135,6 +138,22 @@ def load_pair_task(name: str, *, template: str | None = None, separator: str = "
                     ".csv/.jsonl/.parquet file with input and output columns")
 
 
+def is_pair_task(task: Any) -> bool:
+    """Whether ``task`` is a pair task: a :class:`PairTask`, a built-in pair task's name, or a .csv/.jsonl/.parquet
+    file whose first record has an ``input`` column (classification files have ``text`` and ``label``)."""
+    if isinstance(task, PairTask):
+        return True
+    if not isinstance(task, (str, Path)):
+        return False
+    path = Path(task)
+    if str(task) in PAIR_TASKS:
+        return True
+    if path.suffix not in {".csv", ".jsonl", ".parquet"} or not path.is_file():
+        return False
+    records = read_records(path)
+    return bool(records) and "input" in records[0]
+
+
 @dataclass(frozen=True)
 class PairPrompt:
     """One prompt ``x_1 -> y_1 sep ... x_k -> y_k sep x ->`` and the characters of each of its parts.
@@ -172,6 +191,30 @@ class PairPrompt:
         """Every part's character spans by group name: x, y, separator, template, query, final."""
         return {"x": list(self.input_spans), "y": list(self.output_spans), "separator": list(self.separator_spans),
                 "template": list(self.template_spans), "query": [self.query_span], "final": [self.final_span]}
+
+    @property
+    def answer_spans(self) -> tuple[Span, ...]:
+        """The demonstrations' outputs y_i (as :func:`extraction.prompts.encode` reads a prompt's shown answers)."""
+        return self.output_spans
+
+    @property
+    def segments(self) -> tuple[Segment, ...]:
+        """The parts as :mod:`extraction.positions` segments, in text order, so that :func:`extraction.prompts.encode`
+        gives pair prompts their tokens' position groups (x_i input, y_i output, separators, template, query; the
+        last token is the final position). A template piece belongs to the demonstration it is part of, the query's
+        to none."""
+        ends = [end for _, end in self.output_spans]
+
+        def demo(start: int) -> int:
+            index = bisect_right(ends, start)
+            return index if index < len(ends) else -1
+
+        parts = [Segment("input", i, *span) for i, span in enumerate(self.input_spans)]
+        parts += [Segment("output", i, *span) for i, span in enumerate(self.output_spans)]
+        parts += [Segment("separator", i, *span) for i, span in enumerate(self.separator_spans)]
+        parts += [Segment("template", demo(span[0]), *span) for span in self.template_spans]
+        parts.append(Segment("query", -1, *self.query_span))
+        return tuple(sorted(parts, key=lambda part: part.start))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,10 @@ Methods, which give the same numbers (checked in the tests and ``benchmarks/flow
   Logits come from the model's one read-out (:class:`extraction.readout.Readout`), checked against the model's own
   logits on every clean pass.
 
+String-to-string pair tasks (``task="country_capital"``, a :class:`~extraction.pair_tasks.PairTask` or a file with
+``input``/``output`` columns) run the same scan on the answer's first token, with exact generation of the whole
+answer; see :mod:`heads.pair_flow`.
+
 >>> import heads.flow as flow
 >>> flow.windows(n_blocks=4, width=3)
 [(0, 1, 2), (1, 2, 3)]
@@ -50,6 +54,7 @@ from extraction.edges import (EDGE_TYPES, EdgeKnockout, EdgePatch, attention_inp
                               edge_pairs, edge_type, install_mask_edit, install_patch, patch_plan)
 from extraction.interventions import Batch, Intervention
 from extraction.models import LoadedModel
+from extraction.pair_tasks import PairTask, is_pair_task
 from extraction.positions import PositionGroups
 from extraction.prompts import Encoded, Prompt, encode
 from extraction.tasks import Task
@@ -96,7 +101,7 @@ class _Cells:
 
 def _batch(reference: PromptBatches, index: np.ndarray, encoded: Encoded, device) -> Batch:
     return Batch(encoded.input_ids.to(device), encoded.attention_mask.to(device), encoded.groups,
-                 tuple(reference.prompts.prompts[i] for i in index))
+                 reference.rows(index))
 
 
 @torch.no_grad()
@@ -209,7 +214,7 @@ def _summaries(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], labe
 def edge_scan(
     loaded: LoadedModel,
     *,
-    task: str | Task = "sentiment",
+    task: str | Task | PairTask = "sentiment",
     shots: int = 8,
     n: int = 32,
     seed: int = 0,
@@ -221,6 +226,7 @@ def edge_scan(
     batch_size: int = 8,
     n_boot: int = 1000,
     progress: bool = True,
+    generate: Sequence[tuple[str, int]] = (),
     **prompt_options: Any,
 ) -> xr.Dataset:
     """Knock out (``mode="knockout"``) or patch from donor prompts (``mode="patch"``, ``donor`` a spec of
@@ -233,6 +239,9 @@ def edge_scan(
     resamples of the prompts), plus the per-prompt ``label_logits`` (edge, window, example, class), ``top_token``,
     ``clean_label_logits``, ``clean_top_token`` and ``label``. ``batch_size`` prompts run per clean pass; the fast
     method's re-runs stack ``batch_size * len(edges)`` rows.
+
+    A pair task gives :func:`heads.pair_flow.pair_edge_scan`'s Dataset (first answer token, exact generation of the
+    clean run and of the ``generate`` cells, given as (edge, first block of the window)).
 
     >>> ds = edge_scan(loaded, task="sentiment", shots=4, n=8, width=2)          # doctest: +SKIP
     >>> ds["accuracy_change"].sel(edge="y->final").values                   # doctest: +SKIP
@@ -251,6 +260,18 @@ def edge_scan(
         raise HeadsError("no edge types to scan; give at least one of " + ", ".join(EDGE_TYPES))
     check_masked_attention(loaded.arch)
     spans = windows(loaded.arch.n_layers, width)
+    if is_pair_task(task):
+        from heads.pair_flow import pair_edge_scan  # it builds on this module
+
+        if spec is not None:
+            raise HeadsError("patching edges applies to classification tasks for now; scan the pair task "
+                             f"{getattr(task, 'name', task)!r} with mode='knockout'")
+        return pair_edge_scan(loaded, task=task, names=names, spans=spans, shots=shots, n=n, seed=seed,
+                              method=method, batch_size=batch_size, n_boot=n_boot, progress=progress,
+                              generate=generate, **prompt_options)
+    if generate:
+        raise HeadsError("generating whole answers applies to string-to-string pair tasks; "
+                         f"{getattr(task, 'name', task)!r} is a classification task: drop generate")
     reference = prompt_batches(loaded, task=task, shots=shots, n=n, seed=seed, batch_size=batch_size,
                                **prompt_options)
     labels = reference.prompts.labels
@@ -320,5 +341,6 @@ def flow_table(ds: xr.Dataset) -> pd.DataFrame:
                             quantity=name)
                 for suffix, key in (("", "value"), ("_low", "low"), ("_high", "high")):
                     cell[key] = float(ds[name + suffix].sel(edge=edge, window=window))
-                rows.append(cell)
+                if not np.isnan(cell["value"]):  # cells a pair scan did not generate
+                    rows.append(cell)
     return pd.DataFrame(rows)

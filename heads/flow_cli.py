@@ -23,6 +23,11 @@ consecutive blocks and see what breaks. Edge types (senders -> receivers):
   query->final   the query input -> the final position
 
 [B]'s finding on Gemma-2 2B: contextualization edges matter in lower layers, aggregation edges in higher ones.
+Tasks: the classification tasks (accuracy over the label words) and the string-to-string pair tasks
+(capitalization, copying, past_tense, country_capital, person_sport, ambiguous_past_copying,
+ambiguous_capitalization_copying, or --data FILE with input/output columns: the answer's first token and exact
+generation of the whole answer).
+
 Besides blocking an edge, you can patch it: the receivers read their senders' keys and values from a donor prompt
 (DONOR: shuffled = same demonstrations, labels shuffled; demos:SEED = other demonstrations; task:NAME = another
 task's demonstrations; an optional :SEED on each).
@@ -37,11 +42,19 @@ EXAMPLES = {
   # patch instead of block: the edges read from prompts whose demonstration labels are shuffled
   icl-geometry flow scan --patch shuffled --out results/flow-patch
 
+  # a string-to-string task: the answer's first token per cell, exact generation of the clean run and of two cells
+  icl-geometry flow scan --task country_capital --generate y->final@9,y->x@0 --out results/flow_capitals
+  # your pairs (a .csv/.jsonl/.parquet with input and output columns; template with {input} and {output})
+  icl-geometry flow scan --data pairs.csv --template "Q: {input} A: {output}" --out results/flow_mine
+
 Writes OUT/flow.csv (one row per edge, window and quantity: value, low, high; window = first block, window_last
 = last block), OUT/flow.zarr (the whole Dataset, per-prompt label logits included) and OUT/flow_heatmap.png
 (window x edge: accuracy change and gold-label logit change, each cell with its bootstrap interval); the table's
 mode and donor columns say whether edges were knocked out or patched, and from which donor. Prints a JSON summary
-with the clean accuracy and the most harmful cells. Cells of one window share the clean pass below it.
+with the clean accuracy and the most harmful cells. Knockouts of one window share the clean pass below it.
+Pair tasks: accuracy is the answer's first token (whole vocabulary), the logit that of this token; ambiguous tasks
+add reading_<task> (the first token follows that task's answer); exact generation (exact, exact_<task>) is always
+measured on the clean run and for the --generate cells (costly: one full pass per written token, no cache).
 """,
     "knockout": """examples:
   # states of 64 8-shot prompts with aggregation (y->final) blocked in blocks 9-11, and every measure's change
@@ -83,6 +96,19 @@ def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def _cells(text: str) -> list[tuple[str, int]]:
+    """``y->final@9,y->x@0`` as [("y->final", 9), ("y->x", 0)]."""
+    from heads.errors import HeadsError
+
+    cells = []
+    for part in _names(text):
+        edge, _, first = part.rpartition("@")
+        if not edge or not first.isdigit():
+            raise HeadsError(f"--generate takes EDGE@FIRST_BLOCK items such as y->final@9, not {part!r}")
+        cells.append((edge, int(first)))
+    return cells
+
+
 def run_scan(args: argparse.Namespace) -> int:
     from extraction.store import consolidate
     from geometry.plots import save
@@ -93,11 +119,12 @@ def run_scan(args: argparse.Namespace) -> int:
     kwargs = prompt_kwargs(args)
     ds = edge_scan(_load(args), edges=_names(args.edges) if args.edges else None, width=args.width,
                    method=args.method, mode="patch" if args.patch else "knockout", donor=args.patch,
-                   batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet, **kwargs)
+                   batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet,
+                   generate=_cells(args.generate) if args.generate else (), **kwargs)
     table = flow_table(ds)
     summary = {"method": args.method, "mode": ds.attrs["mode"], "donor": ds.attrs["donor"],
-               "seconds": round(time.perf_counter() - started, 1), "clean_accuracy": ds.attrs["clean_accuracy"],
-               "width": args.width}
+               "seconds": round(time.perf_counter() - started, 1), "width": args.width,
+               **{key: value for key, value in ds.attrs.items() if key.startswith("clean_")}}
     if args.out:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,6 +225,9 @@ def register(subparsers) -> None:
                       help="patch the edges from donor prompts instead of knocking them out (shuffled, demos:SEED, "
                            "task:NAME; see `icl-geometry flow --help`)")
     scan.add_argument("--out", default=None, metavar="DIR", help="write flow.csv, flow.zarr and flow_heatmap.png here")
+    scan.add_argument("--generate", default=None, metavar="E@B,E@B",
+                      help="pair tasks: also generate whole answers under these knockouts, each an edge type and "
+                           "the first block of its window (y->final@9); costly")
 
     knockout = _add(commands, "knockout", "extract states under one edge knockout; every measure's change",
                     run_knockout)

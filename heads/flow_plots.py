@@ -21,6 +21,7 @@ def plot_flow(ds: xr.Dataset, title: str | None = None) -> Figure:
     fig = Figure(figsize=(2.2 + 1.3 * len(edges) * len(PANELS), 1.2 + 0.45 * len(windows)))
     axes = fig.subplots(1, len(PANELS), squeeze=False)
     for ax, (name, label) in zip(axes[0], PANELS.items()):
+        label = ds.attrs.get(f"panel_{name}", label)  # a pair scan names its own quantities
         values = ds[name].transpose("window", "edge").values
         low = ds[f"{name}_low"].transpose("window", "edge").values
         high = ds[f"{name}_high"].transpose("window", "edge").values

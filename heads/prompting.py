@@ -14,7 +14,7 @@ import numpy as np
 
 from extraction.extractor import batches_by_length
 from extraction.models import LoadedModel
-from extraction.prompts import Encoded, PromptConfig, PromptSet, build_prompts, encode, label_token_ids
+from extraction.prompts import Encoded, Prompt, PromptConfig, PromptSet, build_prompts, encode, label_token_ids
 from extraction.tasks import Task, load_task
 from heads.errors import HeadsError
 
@@ -31,6 +31,10 @@ class PromptBatches:
     label_tokens: list[int]
     batches: list[tuple[np.ndarray, Encoded]]
     task: Task | None = None
+
+    def rows(self, index: np.ndarray) -> tuple[Prompt, ...]:
+        """The prompts of examples ``index`` (a batch's rows)."""
+        return tuple(self.prompts.prompts[i] for i in index)
 
     def config(self) -> dict[str, Any]:
         """JSON-ready description of the prompts (recorded with scores and interventions)."""

@@ -83,6 +83,47 @@ def test_interventions_use_full_passes_that_equal_the_cached_ones(tiny):
     np.testing.assert_allclose([g.tracked_logits for g in clean], [g.tracked_logits for g in full], atol=1e-4)
 
 
+@torch.no_grad()
+def knocked_out_hand_loop(loaded, prompt, knockout, steps: int) -> tuple[list[int], float]:
+    """Greedy decoding of one unpadded prompt under an edge knockout, one full pass per token; the written tokens
+    belong to the final group. Returns the tokens and the first step's logit of token 5."""
+    from extraction.interventions import Batch
+    from extraction.positions import FINAL, PositionGroups
+    from extraction.prompts import encode
+
+    encoded = encode(loaded.tokenizer, [prompt])
+    ids, kind, demo = encoded.input_ids, encoded.groups.kind, encoded.groups.demo
+    written, first_logit = [], None
+    for _ in range(steps):
+        groups = PositionGroups(torch.cat([kind, torch.full((1, len(written)), FINAL, dtype=kind.dtype)], 1),
+                                torch.cat([demo, torch.full((1, len(written)), -1, dtype=demo.dtype)], 1))
+        with knockout.applied(loaded, Batch(ids, torch.ones_like(ids), groups)):
+            logits = loaded.model(input_ids=ids).logits[0, -1]
+        first_logit = float(logits[5]) if first_logit is None else first_logit
+        written.append(int(logits.argmax()))
+        ids = torch.cat([ids, torch.tensor([[written[-1]]])], dim=1)
+    return written, first_logit
+
+
+@pytest.mark.parametrize("edge", ["y->final", "query->final"])
+def test_generation_under_an_edge_knockout_equals_a_hand_loop(tiny_model_dirs, edge):
+    """Batched, padded generation under a knockout: the written tokens stay receivers of edges into the final group."""
+    from extraction.edges import EdgeKnockout
+
+    loaded = load_model(str(tiny_model_dirs["qwen2"]))
+    prompts = build_pair_prompts(task_for("qwen2"), shots=3, n=4, seed=2)
+    knockout = EdgeKnockout(edge, blocks=[0, 1])
+    knockout.check(loaded.arch)
+    made = greedy_generate(loaded, prompts, stops=(), max_new_tokens=3, batch_size=4, interventions=[knockout],
+                           track=[[5]] * 4)
+    clean = greedy_generate(loaded, prompts, stops=(), max_new_tokens=3, batch_size=4, track=[[5]] * 4)
+    for prompt, generation in zip(prompts, made):
+        tokens, logit = knocked_out_hand_loop(loaded, prompt, knockout, 3)
+        assert list(generation.tokens) == tokens
+        assert generation.tracked_logits[0] == pytest.approx(logit, abs=1e-4)
+    assert not np.allclose([g.tracked_logits for g in made], [g.tracked_logits for g in clean], atol=1e-4)
+
+
 def test_generation_stops_at_a_stop_string_and_at_end_of_sequence(tiny_model_dirs, monkeypatch):
     loaded = load_model(str(tiny_model_dirs["qwen2"]))
     prompts = build_pair_prompts(task_for("qwen2"), shots=2, n=6, seed=3)

@@ -91,3 +91,25 @@ def test_the_store_holds_each_prompts_groups(tiny_gemma, tmp_path):
         assert (kind[row, :length] == encoded.groups.kind[row][keep].numpy()).all()
         assert (demo[row, :length] == encoded.groups.demo[row][keep].numpy()).all()
         assert (kind[row, length:] == -1).all() and (demo[row, length:] == -1).all()
+
+
+@pytest.mark.parametrize("template, separator", [("{input} -> {output}", "\n"), ("Q: {input}\nA: {output}", "\n\n")])
+def test_pair_prompts_get_groups_of_their_parts(template, separator):
+    """String-to-string prompts (multi-token inputs and answers) encode with the same groups as classification ones."""
+    from extraction.pair_tasks import build_pair_prompts, load_pair_task
+
+    tokenizer = left_padded(byte_level_bpe_tokenizer())
+    task = load_pair_task("country_capital", template=template, separator=separator)
+    prompts = build_pair_prompts(task, shots=SHOTS, n=4, seed=2)
+    encoded = encode(tokenizer, prompts)
+    kind, demo = encoded.groups.kind, encoded.groups.demo
+    for row, prompt in enumerate(prompts):
+        assert kind[row, -1] == KIND_CODES["final"]
+        for i, index in enumerate(prompt.demo_indices):
+            for name, expected in (("input", task.inputs[index]), ("output", task.outputs[index])):
+                mine = (kind[row] == KIND_CODES[name]) & (demo[row] == i)
+                assert _text_of(tokenizer, encoded.input_ids[row][mine]) == expected
+        query = (kind[row] == KIND_CODES["query"])
+        assert _text_of(tokenizer, encoded.input_ids[row][query]) == task.inputs[prompt.query_index]
+        template_demos = set(demo[row][kind[row] == KIND_CODES["template"]].tolist())
+        assert template_demos == set(range(SHOTS)) | {-1}

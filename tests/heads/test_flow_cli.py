@@ -32,6 +32,62 @@ def test_scan_writes_table_dataset_and_heat_map(tiny_gemma_dir, tmp_path, capsys
     assert summary["clean_accuracy"] == pytest.approx(ds.attrs["clean_accuracy"])
 
 
+def _word_pairs(folder) -> str:
+    """A user pair file in words the tiny word-level tokenizer knows (input, output, split columns)."""
+    from tests.extraction.test_pair_eval import word_task
+
+    task = word_task()
+    path = folder / "pairs.csv"
+    path.write_text("input,output,split\n" + "".join(f"{x},{y},{'train' if i in task.train else 'test'}\n"
+                                                      for i, (x, y) in enumerate(zip(task.inputs, task.outputs))))
+    return str(path)
+
+
+def test_scan_of_a_pair_file_with_generated_cells(tiny_gemma_dir, tmp_path, capsys):
+    out = tmp_path / "flow"
+    code = main(["flow", "scan", "--model", str(tiny_gemma_dir), "--data", _word_pairs(tmp_path), "--template",
+                 "{input} : {output}", *SMALL, "--width", "3", "--edges", "y->y,y->final", "--generate",
+                 "y->final@1", "--n-boot", "20", "--quiet", "--out", str(out)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"clean_accuracy", "clean_exact_accuracy"} <= set(summary)
+    table = pd.read_csv(out / "flow.csv")
+    exact = table[table["quantity"] == "exact"]
+    assert exact[["edge", "window"]].values.tolist() == [["y->final", 1]]
+    assert {"accuracy_change", "logit_change"} <= set(table["quantity"]) and (out / "flow_heatmap.png").exists()
+
+
+@pytest.mark.parametrize("generate, words", [("y->final", "EDGE@FIRST_BLOCK"), ("y->final@3", "starting at block 3")])
+def test_bad_generated_cells_are_one_line_and_exit_2(tiny_gemma_dir, tmp_path, capsys, generate, words):
+    code = main(["flow", "scan", "--model", str(tiny_gemma_dir), "--data", _word_pairs(tmp_path), "--template",
+                 "{input} : {output}", *SMALL, "--width", "3", "--generate", generate, "--n-boot", "0", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and words in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.real_model
+def test_small_pair_scan_through_the_cli_on_the_real_model(tmp_path, capsys):
+    """Gemma 3 270M, ambiguous past tense / copying: 4 four-shot prompts, 2 edge types over 2 windows (width L - 1),
+    whole answers generated for one cell; checks the pieces run and hang together, not the science."""
+    from transformers import AutoConfig
+
+    from extraction.models import resolve_spec
+
+    width = AutoConfig.from_pretrained(resolve_spec(None)[0]).get_text_config().num_hidden_layers - 1
+    out = tmp_path / "flow"
+    code = main(["flow", "scan", "--task", "ambiguous_past_copying", "--shots", "4", "--n", "4", "--width",
+                 str(width), "--edges", "y->x,y->final", "--generate", "y->final@1", "--dtype", "bfloat16",
+                 "--n-boot", "100", "--quiet", "--out", str(out)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    table = pd.read_csv(out / "flow.csv")
+    assert set(table["edge"]) == {"y->x", "y->final"} and set(table["window"]) == {0, 1}
+    readings = table[table["quantity"].isin(["reading_past_tense", "reading_copying"])]
+    assert len(readings) == 8 and readings["value"].between(0, 1).all()
+    assert 0 <= summary["clean_exact_accuracy"] <= 1 and 0 <= summary["clean_reading_copying"] <= 1
+    assert len(table[table["quantity"] == "exact"]) == 1
+
+
 def test_knockout_writes_measure_changes(tiny_gemma_dir, tmp_path, capsys):
     store, out = tmp_path / "s.zarr", tmp_path / "changes.csv"
     code = main(["flow", "knockout", str(store), "--model", str(tiny_gemma_dir), "--shots", "2", "--n", "8",
