@@ -39,6 +39,7 @@ answer; see :mod:`heads.pair_flow`.
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import ExitStack
 from typing import Any, Callable, Sequence
 
@@ -76,6 +77,30 @@ PER_PROMPT = {
     "vocab_accuracy": "whole-vocabulary accuracy under the intervention (top-1 token is the gold label word's token)",
     "logit_change": "gold label word's logit, intervened minus clean",
 }
+
+
+def parse_cell(text: str) -> tuple[str, int]:
+    """A scan cell written ``EDGE@FIRST`` (``y->final@9``: the window of ``y->final`` starting at block 9)."""
+    edge, _, first = text.rpartition("@")
+    if not edge or not first.lstrip("-").isdigit():
+        raise HeadsError(f"a cell is written EDGE@FIRST (the window's first block), such as y->final@9, not {text!r}")
+    if int(first) < 0:
+        raise HeadsError(f"the first block of {text!r} must be >= 0")
+    return edge_type(edge).name, int(first)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text)
+
+
+def knockout_group(edge: str, blocks: Sequence[int]) -> str:
+    """Default group name of a knockout: ``knockout_<edge>_<first>-<last>`` with the arrow written as ``-``."""
+    return f"knockout_{_slug(edge)}_{blocks[0]}-{blocks[-1]}"
+
+
+def patch_group(edge: str, blocks: Sequence[int], donor: str) -> str:
+    """Default group name of a patch: ``patch_<edge>_<first>-<last>_<donor>`` (arrow and colons written as ``-``)."""
+    return f"patch_{_slug(edge)}_{blocks[0]}-{blocks[-1]}_{_slug(donor)}"
 
 
 def windows(n_blocks: int, width: int = DEFAULT_WIDTH) -> list[tuple[int, ...]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 
@@ -98,15 +97,9 @@ def _names(text: str) -> list[str]:
 
 def _cells(text: str) -> list[tuple[str, int]]:
     """``y->final@9,y->x@0`` as [("y->final", 9), ("y->x", 0)]."""
-    from heads.errors import HeadsError
+    from heads.flow import parse_cell
 
-    cells = []
-    for part in _names(text):
-        edge, _, first = part.rpartition("@")
-        if not edge or not first.isdigit():
-            raise HeadsError(f"--generate takes EDGE@FIRST_BLOCK items such as y->final@9, not {part!r}")
-        cells.append((edge, int(first)))
-    return cells
+    return [parse_cell(part) for part in _names(text)]
 
 
 def run_scan(args: argparse.Namespace) -> int:
@@ -141,25 +134,12 @@ def run_scan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text)
-
-
-def knockout_group(edge: str, blocks: list[int]) -> str:
-    """Default group name of a knockout: ``knockout_<edge>_<first>-<last>`` with the arrow written as ``-``."""
-    return f"knockout_{_slug(edge)}_{blocks[0]}-{blocks[-1]}"
-
-
-def patch_group(edge: str, blocks: list[int], donor: str) -> str:
-    """Default group name of a patch: ``patch_<edge>_<first>-<last>_<donor>`` (arrow and colons written as ``-``)."""
-    return f"patch_{_slug(edge)}_{blocks[0]}-{blocks[-1]}_{_slug(donor)}"
-
-
 def run_knockout(args: argparse.Namespace) -> int:
     """``flow knockout`` and ``flow patch``: extract under the edge intervention, then every measure's change."""
     from extraction.edges import EdgeKnockout, EdgePatch
     from extraction.extractor import accuracy, extract
     from geometry.sweep import measure
+    from heads.flow import knockout_group, patch_group
     from heads.pipeline import change_frame
 
     blocks = list(range(args.window, args.window + args.width))

@@ -119,6 +119,9 @@ class FlowSection:
     n: int = 32  #: prompts per scan
     width: int = 3  #: blocks per layer window (stride 1)
     edges: list[str] = field(default_factory=_all_edges)  #: edge types to knock out (default: all six)
+    #: cells ``EDGE@FIRST`` whose knockout (``width`` blocks from FIRST, on the ``icl`` prompts) is extracted and
+    #: measured: every measure's change per layer against ``icl`` (changes table and figure)
+    knockouts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,7 +249,20 @@ def _validate(config: StudyConfig) -> StudyConfig:
     unknown_edges = sorted(set(config.flow.edges) - set(_all_edges()))
     if unknown_edges or not config.flow.edges:
         raise ConfigError(f"flow.edges: {unknown_edges or 'empty'}; choose from {', '.join(_all_edges())}")
+    _check_knockouts(config.flow.knockouts)
     return config
+
+
+def _check_knockouts(cells: list[str]) -> None:
+    from extraction.errors import InterventionError
+    from heads.errors import HeadsError
+    from heads.flow import parse_cell
+
+    for cell in cells:
+        try:
+            parse_cell(cell)
+        except (HeadsError, InterventionError) as error:
+            raise ConfigError(f"flow.knockouts: {error}") from None
 
 
 def _check_model_options(model: ModelSection) -> None:

@@ -107,8 +107,22 @@ def _task_section(folder: Path, task: str, tables: dict[str, pd.DataFrame]) -> s
         parts.append("<p class='muted'>[B] (Bakalova et al., Gemma-2 2B): contextualization edges (y->x) matter in "
                      "lower layers, aggregation edges (y->final) in higher ones. Every cell is in "
                      "<code>tables/flow.csv</code>.</p>")
+        parts += _knockout_changes(_subset(tables["changes"], task))
     parts.append(image_tag(figures / "projections.png", f"{task} PCA of query states"))
     return "\n".join(parts)
+
+
+def _knockout_changes(changes: pd.DataFrame, most: int = 8) -> list[str]:
+    """The largest measure changes under the ``[flow]`` knockouts (groups ``knockout_*``), as a table."""
+    if changes.empty:
+        return []
+    knocked = changes[changes["group"].str.startswith("knockout_")]
+    if knocked.empty:
+        return []
+    largest = knocked.reindex(knocked["change"].abs().sort_values(ascending=False).index).head(most)
+    return ["<p>Largest measure changes under the knockouts (knockout minus <code>icl</code>, per layer; every "
+            "layer and measure in <code>tables/changes.csv</code> and the changes figure above):</p>",
+            html_table(largest[["group", "layer", "measure", "value", "baseline_value", "change"]].round(4))]
 
 
 def write_report(folder: str | Path) -> Path:
@@ -116,7 +130,7 @@ def write_report(folder: str | Path) -> Path:
     folder = Path(folder)
     meta = json.loads((folder / "study.json").read_text())
     tables = {name: _read(folder, f"{name}.csv") for name in ("accuracy", "measures", "transitions", "placement",
-                                                                 "flow")}
+                                                                 "flow", "changes")}
     setup = pd.DataFrame([{"item": key, "value": str(value)} for key, value in meta["setup"].items()])
     body = [
         "<h1>Hidden-state geometry of in-context learning</h1>",

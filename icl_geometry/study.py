@@ -144,6 +144,32 @@ class Study:
         self._write_part("flow", task, flow_table(ds))
         save(plot_flow(ds), self.figures(task), "flow", ("png", "svg"))
 
+    def knockouts(self) -> dict[str, tuple[str, list[int]]]:
+        """The ``[flow] knockouts`` as group name -> (edge, blocks of the window)."""
+        from heads.flow import knockout_group, parse_cell
+
+        width, cells = self.config.flow.width, [parse_cell(cell) for cell in self.config.flow.knockouts]
+        return {knockout_group(edge, blocks): (edge, blocks)
+                for edge, first in cells for blocks in [list(range(first, first + width))]}
+
+    def _knockouts(self, task: str) -> None:
+        """Extract the ``icl`` prompts under each ``[flow]`` knockout into its own group."""
+        from extraction.edges import EdgeKnockout
+        from extraction.extractor import extract
+
+        data = self.config.data
+        for group, (edge, blocks) in self.knockouts().items():
+            extract(self.loaded, self.store(task), task=task, shots=self.primary_k, n=data.n, seed=data.seed,
+                    setting=group, batch_size=self.config.model.batch_size, progress=self.progress,
+                    intervention=EdgeKnockout(edge, blocks), **self.cluster, **self.prompt_options())
+
+    def baselines(self) -> dict[str, str]:
+        """Each intervention group's baseline: the heads' ablations and injections, the flow knockouts' ``icl``."""
+        from heads.pipeline import BASELINES
+
+        flow = dict.fromkeys(self.knockouts() if self.config.flow.enabled else (), "icl")
+        return {**(BASELINES if self.config.heads.enabled else {}), **flow}
+
     def _geometry(self, task: str) -> None:
         """Measure every group, write the measure, transition and accuracy tables, and draw the curves."""
         import geometry
@@ -172,12 +198,13 @@ class Study:
         if len(k_groups) > 1:
             geometry.plot_measures([results["zero_shot"], *(results[g] for g in k_groups)], folder, name="k_sweep",
                                    formats=formats, min_rise=min_rise)
-        if self.config.heads.enabled:
-            from heads.pipeline import measure_changes
+        if self.baselines():
             from geometry.plots import save
+            from heads.pipeline import change_frame
             from heads.plots import plot_changes
 
-            changes = measure_changes(results, {g: g for g in results})
+            changes = pd.concat([change_frame(results[group], results[base], group, base)
+                                 for group, base in self.baselines().items()], ignore_index=True)
             self._write_part("changes", task, changes)
             save(plot_changes(changes), folder, "changes", formats)
         icl = open_group(self.store(task), "icl")
@@ -216,7 +243,7 @@ class Study:
     def groups(self, task: str) -> list[str]:
         """The store groups of one task that the study analyses, in report order."""
         groups = [self.icl_group(k) for k in self.config.k_values] + ["zero_shot"]
-        return groups + (list(INTERVENTION_GROUPS) if self.config.heads.enabled else [])
+        return groups + list(self.baselines())
 
     def stages(self) -> list[Stage]:
         """Every stage of the study in order, with rough relative costs for the ETA."""
@@ -235,6 +262,9 @@ class Study:
                 flow = self.config.flow
                 cells = len(flow.edges) * flow.n * (0.3 + flow.shots / 8)
                 stages.append(Stage(f"{name}: flow", cells, lambda t=task: self._flow(t)))
+                if flow.knockouts:
+                    stages.append(Stage(f"{name}: flow knockouts", len(flow.knockouts) * n * (0.3 + self.primary_k / 8),
+                                        lambda t=task: self._knockouts(t)))
             stages.append(Stage(f"{name}: geometry", len(self.groups(task)) * 10 + 20, lambda t=task: self._geometry(t)))
         stages.append(Stage("tables", 1, self._tables))
         stages.append(Stage("report", 2, self._report))

@@ -43,3 +43,24 @@ def test_flow_findings_rank_edges_per_half():
     lower, upper = flow_findings(pd.DataFrame(rows))
     assert "lower blocks (0-3)" in lower and lower.index("y->x -0.50") < lower.index("y->final")
     assert "upper blocks (3-4)" in upper and upper.index("y->final -0.40") < upper.index("y->x")
+
+
+def test_flow_knockouts_are_extracted_measured_and_reported_as_changes(tiny_gemma_dir, tmp_path):
+    config = tiny_config(tiny_gemma_dir)
+    config.heads.enabled = False
+    config.data.shots = [2]
+    config.flow = FlowSection(enabled=True, shots=2, n=4, width=2, edges=["y->final"], knockouts=["y->final@1"])
+    Study(config, tmp_path, progress=False).run()
+    changes = pd.read_csv(tmp_path / "tables" / "changes.csv")
+    assert set(changes["group"]) == {"knockout_y-final_1-2"} and set(changes["baseline"]) == {"icl"}
+    assert {"separability", "variance_alignment"} <= set(changes["measure"])
+    assert (tmp_path / "figures" / "sentiment" / "changes.png").is_file()
+    assert "knockout_y-final_1-2" in set(pd.read_csv(tmp_path / "tables" / "accuracy.csv")["group"])
+    assert "Largest measure changes under the knockouts" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("cells, message", [(["y->final"], "EDGE@FIRST"), (["y->up@1"], "unknown edge"),
+                                            (["y->x@-1"], "first block")])
+def test_bad_flow_knockouts_are_refused_in_one_line(cells, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"flow": {"enabled": True, "knockouts": cells}})
