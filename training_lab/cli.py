@@ -141,7 +141,7 @@ def run_experiment_command(args: argparse.Namespace) -> int:
         for name, seconds in timings["configurations"].items():
             print(f"trained {name} in {seconds:.1f} seconds")
         print(f"the experiment took {timings['total']:.1f} seconds")
-    page = compare_experiment(out)
+    page = compare_experiment(out, geometry=args.geometry)
     table = pd.read_csv(out / "tables" / "comparison.csv")
     print(table[["configuration", "n_seeds", "n_reached", "mean_step", "ci_low", "ci_high"]].to_string(index=False))
     print(f"tables: {out / 'tables'}\ncompare page: {page}")
@@ -166,6 +166,9 @@ def register(subparsers) -> None:
                         help="train an experiment set, one batched run per configuration, and compare them (with "
                              f"--analyse-only: compare only); shipped: {', '.join(experiment_names())} (default "
                              "--out: its name)")
+    parser.add_argument("--geometry", action="store_true",
+                        help="with --experiment: also compare each configuration's query geometry over training "
+                             "(separability and alignment at the read-out; about a second per snapshot and seed)")
     parser.add_argument("--quick", action="store_true",
                         help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds trained at once (batched)")

@@ -11,7 +11,11 @@ experiment directory ``out`` (:func:`compare_experiment`) or any folder (:func:`
   ci_high (:data:`INTERVAL`), sd_step, final_loss and final_induction_strength (seed means) and its setting;
 - ``tables/curves.csv``: configuration, step, seed, loss, accuracy (every evaluation);
 - ``tables/induction.csv``: configuration, step, seed, block, head, induction_strength (every snapshot);
-- ``figures/compare_loss`` and ``figures/compare_induction`` (PNG and SVG) and ``compare.html``.
+- ``figures/compare_loss`` and ``figures/compare_induction`` (PNG and SVG) and ``compare.html``;
+- with ``geometry=True``, how each configuration's clamps change the query's geometry over training:
+  ``tables/geometry.csv`` (configuration, step, seed, site, measure, value) and ``figures/compare_<measure>`` for
+  :data:`GEOMETRY_MEASURES` at the read-out's site (the linear read-out's input aligned to its label rows, or the
+  MLP read-out's hidden layer to its last layer's rows; see :mod:`training_lab.geometry_over_training`).
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from icl_geometry.report import html_page, html_table, image_tag
 from training_lab import figures
 from training_lab.errors import LabError
 from training_lab.experiments import read_record
+from training_lab.geometry_over_training import run_geometry
 from training_lab.induction import PHASE_CHANGE_LOSS, induction_strength, phase_change_step
 from training_lab.store import open_run
 
 TABLES, FIGURES, PAGE, SUMMARY = "tables", "figures", "compare.html", "comparison.json"
 CONFIDENCE = 0.95
+#: The measures compared over training per configuration (at the read-out's site).
+GEOMETRY_MEASURES = ("separability", "variance_alignment", "mean_alignment")
 INTERVAL = ("95% Student t interval of the mean phase-change step over the seeds that reached it (n_reached; "
             "none with fewer than two)")
 
@@ -106,14 +113,42 @@ def _run_frames(name: str, run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.Da
             strongest)
 
 
+def _readout_geometry(run: Path) -> xr.Dataset:
+    """:data:`GEOMETRY_MEASURES` over training at the read-out's site (the last ``layer`` entry), no intervals."""
+    measured = run_geometry(open_run(run, "snapshots"), measures=GEOMETRY_MEASURES, n_boot=0)
+    return measured.isel(layer=-1)
+
+
+def _geometry_part(runs: dict[str, Path], out: Path, marks: dict[str, float]) -> list[str]:
+    """Write the geometry table and figures of the runs; return the page's section."""
+    measured = {name: _readout_geometry(run) for name, run in runs.items()}
+    rows = [m["value"].to_dataframe().reset_index().assign(configuration=name)[
+        ["configuration", "step", "seed", "site", "measure", "value"]] for name, m in measured.items()]
+    pd.concat(rows, ignore_index=True).to_csv(out / TABLES / "geometry.csv", index=False)
+    site = next(iter(measured.values()))["site"].item()
+    images = []
+    for name in GEOMETRY_MEASURES:
+        figures.plot_runs_compared({run: m["value"].sel(measure=name) for run, m in measured.items()}, out / FIGURES,
+                                   name=f"compare_{name}", title=f"{name.replace('_', ' ')} at the {site}",
+                                   ylabel=name.replace("_", " "), marks=marks)
+        images.append(image_tag(out / FIGURES / f"compare_{name}.png", f"{name} over training per configuration"))
+    return ["<h2>Geometry over training</h2>",
+            f"<p>How each configuration's clamps change the query's geometry at the {html.escape(site)}: "
+            "separability of the query's label (a probe's held-out accuracy) and alignment to the read-out's label "
+            "rows, per snapshot step (dotted: mean phase-change step). Every value is in "
+            f"<code>{TABLES}/geometry.csv</code>.</p>",
+            "<div style='display:flex;gap:0.5em;flex-wrap:wrap'>" + "".join(images) + "</div>"]
+
+
 def _front(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[["configuration", *[c for c in frame.columns if c != "configuration"]]]
 
 
 def compare(runs: dict[str, Path], out: str | Path, *, title: str = "Runs compared", description: str = "",
-            missing: list[str] | None = None) -> Path:
+            missing: list[str] | None = None, geometry: bool = False) -> Path:
     """Compare the run directories ``runs`` (name -> directory, each with at least one completed evaluation),
-    writing the tables, figures and page of the module doc into ``out``; returns the page's path."""
+    writing the tables, figures and page of the module doc into ``out``; returns the page's path. ``geometry``
+    adds each run's geometry over training (about a second per snapshot step and seed)."""
     out = Path(out)
     frames = {name: _run_frames(name, Path(run)) for name, run in runs.items()}
     per_seed = pd.concat([f[0] for f in frames.values()], ignore_index=True)
@@ -136,8 +171,9 @@ def compare(runs: dict[str, Path], out: str | Path, *, title: str = "Runs compar
     figures.plot_runs_compared({n: f[4] for n, f in frames.items()}, out / FIGURES, name="compare_induction",
                                title="Induction strength (strongest last-block head)",
                                ylabel="correct - wrong label attention")
+    extra = _geometry_part({name: Path(run) for name, run in runs.items()}, out, marks) if geometry else []
     path = out / PAGE
-    path.write_text(html_page(title, _page(title, description, summary, per_seed, out, missing or [])))
+    path.write_text(html_page(title, _page(title, description, summary, per_seed, out, missing or []) + extra))
     return path
 
 
@@ -167,9 +203,9 @@ def _page(title: str, description: str, summary: pd.DataFrame, per_seed: pd.Data
     ]
 
 
-def compare_experiment(out: str | Path) -> Path:
+def compare_experiment(out: str | Path, *, geometry: bool = False) -> Path:
     """Compare the configurations of the experiment in ``out`` that have completed evaluations (see
-    :func:`compare`); the others are named on the page as not trained yet."""
+    :func:`compare`, also for ``geometry``); the others are named on the page as not trained yet."""
     out = Path(out)
     record = read_record(out)
     runs, missing = {}, []
@@ -183,4 +219,4 @@ def compare_experiment(out: str | Path) -> Path:
         raise LabError(f"no configuration of the experiment at {out} has a completed evaluation yet; train it "
                        "first")
     return compare(runs, out, title=f"Experiment {record['name']}: phase-change times",
-                   description=record["description"], missing=missing)
+                   description=record["description"], missing=missing, geometry=geometry)

@@ -85,6 +85,18 @@ def test_compare_writes_tidy_tables_figures_and_one_page(experiment_dir):
     assert page.count("<img") == 2
 
 
+def test_compare_with_geometry_shows_each_configuration_s_geometry_over_training(experiment_dir):
+    result = compare_experiment(experiment_dir, geometry=True)
+    geometry = pd.read_csv(experiment_dir / "tables" / "geometry.csv")
+    assert set(geometry["configuration"]) == {"free", "A+B", "classes-16"}
+    assert set(geometry["measure"]) == {"separability", "variance_alignment", "mean_alignment"}
+    assert set(geometry["site"]) == {"readout input"}  # the linear read-out's input, aligned to its label rows
+    assert geometry["value"].notna().any()
+    for name in ("separability", "variance_alignment", "mean_alignment"):
+        assert (experiment_dir / "figures" / f"compare_{name}.png").is_file()
+    assert "Geometry over training" in result.read_text()
+
+
 def test_compare_leaves_out_configurations_not_started(experiment_dir, tmp_path):
     partial = tmp_path / "partial"
     experiment = load_experiment(experiment_dir.parent / "tiny.toml", steps=2)

@@ -26,7 +26,9 @@ def test_an_experiment_trains_compares_and_resumes(tmp_path, capsys):
     assert set(pd.read_csv(out / "tables" / "phase_changes.csv").seed) == {0}  # [quick] seeds
     (out / "compare.html").unlink()
     assert main(args[:-1] + ["--analyse-only", "--no-progress"]) == 0
-    assert (out / "compare.html").is_file()
+    assert (out / "compare.html").is_file() and not (out / "tables" / "geometry.csv").exists()
+    assert main(args[:-1] + ["--analyse-only", "--geometry", "--no-progress"]) == 0
+    assert (out / "tables" / "geometry.csv").is_file()
 
 
 def test_print_config_prints_every_configuration(capsys):
