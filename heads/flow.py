@@ -83,7 +83,8 @@ def parse_cell(text: str) -> tuple[str, int]:
     """A scan cell written ``EDGE@FIRST`` (``y->final@9``: the window of ``y->final`` starting at block 9)."""
     edge, _, first = text.rpartition("@")
     if not edge or not first.lstrip("-").isdigit():
-        raise HeadsError(f"a cell is written EDGE@FIRST (the window's first block), such as y->final@9, not {text!r}")
+        raise HeadsError(f"a cell is written EDGE@FIRST_BLOCK (the window's first block), such as y->final@9, "
+                         f"not {text!r}")
     if int(first) < 0:
         raise HeadsError(f"the first block of {text!r} must be >= 0")
     return edge_type(edge).name, int(first)
