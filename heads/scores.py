@@ -75,16 +75,21 @@ def pth_definition(first_pair: bool) -> str:
 
 
 @contextmanager
-def eager_attention(model) -> Iterator[None]:
-    """Switch ``model`` to eager attention (which returns weights) and restore its implementation on exit."""
+def attention_implementation(model, name: str) -> Iterator[None]:
+    """Switch ``model`` to the attention implementation ``name`` and restore its own on exit."""
     previous = model.config._attn_implementation
-    if previous != "eager":
-        model.set_attn_implementation("eager")
+    if previous != name:
+        model.set_attn_implementation(name)
     try:
         yield
     finally:
-        if previous != "eager":
+        if previous != name:
             model.set_attn_implementation(previous)
+
+
+def eager_attention(model) -> Iterator[None]:
+    """Switch ``model`` to eager attention (which returns weights) and restore its implementation on exit."""
+    return attention_implementation(model, "eager")
 
 
 @torch.no_grad()

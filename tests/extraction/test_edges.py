@@ -19,7 +19,7 @@ from extraction.interventions import Batch
 from extraction.models import load_model
 from extraction.prompts import build_prompts, encode
 from extraction.tasks import load_task
-from heads.scores import eager_attention
+from heads.scores import attention_implementation, eager_attention
 
 ARCHITECTURES = ["llama", "gemma2", "gemma3", "gpt2", "qwen2", "mistral"]
 SHOTS = 3
@@ -35,6 +35,13 @@ def batch(loaded):
     prompts = build_prompts(load_task("sentiment"), shots=SHOTS, n=3, seed=2)
     encoded = encode(loaded.tokenizer, prompts.prompts)
     return Batch(encoded.input_ids, encoded.attention_mask, encoded.groups)
+
+
+def _attention(loaded, implementation: str):
+    """A context switching the model to ``implementation``; skips the test where transformers has no such path."""
+    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
+        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    return attention_implementation(loaded.model, implementation)
 
 
 def _record(loaded, block, batch, *contexts):
@@ -100,19 +107,14 @@ def _reference(loaded, block, batch, blocked):
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("edge", ["y->x", "y->final", "x->y"])
 def test_knockout_equals_the_hand_reference(loaded, batch, edge, implementation):
-    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
-        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    switched = _attention(loaded, implementation)
     block = 0
     pairs = edge_pairs(EDGE_TYPES[edge], batch.groups)
     expected, weights = _reference(loaded, block, batch, pairs[:, None])
     assert weights.masked_select(pairs[:, None].expand_as(weights)).sum() > 0  # the edge carried weight
-    previous = loaded.model.config._attn_implementation
-    loaded.model.set_attn_implementation(implementation)
-    try:
+    with switched:
         got = _record(loaded, block, batch, EdgeKnockout(edge, blocks=[block]).applied(loaded, batch))["heads"]
         clean = _record(loaded, block, batch)["heads"]
-    finally:
-        loaded.model.set_attn_implementation(previous)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
     assert (got[real] - clean[real]).abs().max() > 1e-4
@@ -182,17 +184,12 @@ def _donor(loaded, base, seed=7):
 def test_patching_from_the_base_itself_changes_nothing(loaded, batch, implementation):
     from extraction.edges import patched_edge
 
-    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
-        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
-    previous = loaded.model.config._attn_implementation
-    loaded.model.set_attn_implementation(implementation)
-    try:
+    switched = _attention(loaded, implementation)
+    with switched:
         with torch.no_grad():
             clean = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             with patched_edge(loaded, "y->x", range(loaded.arch.n_layers), batch, batch):
                 same = loaded.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    finally:
-        loaded.model.set_attn_implementation(previous)
     real = batch.attention_mask.bool()
     torch.testing.assert_close(same[real], clean[real], atol=1e-4, rtol=1e-4)
 
@@ -253,8 +250,7 @@ PATCHES = [("y->y", "demos:1", None), ("x->y", "shuffled", [1]), ("y->final", "t
 def test_edge_patch_equals_the_hand_reference(loaded, prompt_set, edge, donor, heads, implementation):
     from extraction.edges import EdgePatch
 
-    if implementation == "sdpa" and loaded.model.config.model_type == "gemma2":
-        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    switched = _attention(loaded, implementation)
     task, prompts = prompt_set
     block = 1
     patch = EdgePatch(edge, blocks=[block], heads=heads, donor=donor)
@@ -263,14 +259,10 @@ def test_edge_patch_equals_the_hand_reference(loaded, prompt_set, edge, donor, h
     donor_batch = _prompt_batch(loaded, patch.donors(prompts.prompts))
     pairs = edge_pairs(EDGE_TYPES[edge], base.groups)
     expected = _patch_reference(loaded, block, base, donor_batch, pairs, heads)
-    previous = loaded.model.config._attn_implementation
-    loaded.model.set_attn_implementation(implementation)
-    try:
+    with switched:
         got = _record(loaded, block, base, patch.applied(loaded, base))["heads"]
         clean = _record(loaded, block, base)["heads"]
         got = got[:, :clean.shape[1]]  # the rows of the added key entries are dropped
-    finally:
-        loaded.model.set_attn_implementation(previous)
     real = base.attention_mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=2e-5, rtol=1e-4)
     assert (got[real] - clean[real]).abs().max() > 1e-4
@@ -286,8 +278,7 @@ def test_patching_refuses_what_cannot_be_aligned(loaded, batch):
 
 def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch):
     """One prompt, no padding: SDPA gets no mask at all (plain causal), and the knockout builds one."""
-    if loaded.model.config.model_type == "gemma2":
-        pytest.skip("Gemma 2's soft-capped attention has no SDPA path in transformers")
+    switched = _attention(loaded, "sdpa")
     one = Batch(batch.input_ids[:1], batch.attention_mask[:1],
                 type(batch.groups)(batch.groups.kind[:1], batch.groups.demo[:1]))
     keep = one.attention_mask[0].bool()
@@ -295,12 +286,8 @@ def test_knockout_without_padding_under_sdpa_equals_the_reference(loaded, batch)
                 type(batch.groups)(one.groups.kind[:, keep], one.groups.demo[:, keep]))
     pairs = edge_pairs(EDGE_TYPES["y->final"], one.groups)
     expected, _ = _reference(loaded, 0, one, pairs[:, None])
-    previous = loaded.model.config._attn_implementation
-    loaded.model.set_attn_implementation("sdpa")
-    try:
+    with switched:
         got = _record(loaded, 0, one, EdgeKnockout("y->final", blocks=[0]).applied(loaded, one))["heads"]
-    finally:
-        loaded.model.set_attn_implementation(previous)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
