@@ -135,10 +135,15 @@ def change_frame(measured: xr.Dataset, baseline: xr.Dataset, group: str, baselin
     return frame
 
 
-def measure_changes(measures: dict[str, xr.Dataset], groups: dict[str, str]) -> pd.DataFrame:
-    """Per intervention, layer and measure: value, its baseline's value and the change (intervention - baseline)."""
-    return pd.concat([change_frame(measures[role], measures[base], groups[role], groups[base])
-                      for role, base in BASELINES.items()], ignore_index=True)
+def measure_changes(measures: dict[str, xr.Dataset], baselines: dict[str, str],
+                    groups: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per intervention, layer and measure: value, its baseline's value and the change (intervention - baseline).
+
+    ``measures`` and ``baselines`` (intervention -> its baseline) share their keys; ``groups`` names each key's
+    store group in the table (default: the key itself)."""
+    name = (groups or {}).get
+    return pd.concat([change_frame(measures[key], measures[base], name(key, key), name(base, base))
+                      for key, base in baselines.items()], ignore_index=True)
 
 
 def _group_names(groups: dict[str, str] | None) -> dict[str, str]:
@@ -235,5 +240,5 @@ def study(
 
         result.measures = {role: geometry.measure(store, group=names[role], n_boot=n_boot, seed=seed,
                                                   progress=progress) for role in ROLES}
-        result.changes = measure_changes(result.measures, names)
+        result.changes = measure_changes(result.measures, BASELINES, names)
     return result

@@ -200,11 +200,10 @@ class Study:
                                    formats=formats, min_rise=min_rise)
         if self.baselines():
             from geometry.plots import save
-            from heads.pipeline import change_frame
+            from heads.pipeline import measure_changes
             from heads.plots import plot_changes
 
-            changes = pd.concat([change_frame(results[group], results[base], group, base)
-                                 for group, base in self.baselines().items()], ignore_index=True)
+            changes = measure_changes(results, self.baselines())
             self._write_part("changes", task, changes)
             save(plot_changes(changes), folder, "changes", formats)
         icl = open_group(self.store(task), "icl")
