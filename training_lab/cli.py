@@ -119,7 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
         train(config, out, progress=not args.no_progress)
     say = None if args.no_progress else (lambda message: print(f"analysing: {message}", flush=True))
     result = analyse(out, smooth=args.smooth, window=args.phase_window, threshold=args.phase_threshold,
-                     progress=say)
+                     rise=args.circuit_rise, progress=say)
     print("\n".join(phase_sentences(out)))
     print(f"tables: {out / 'tables'}\nreport: {result.report}")
     return 0
@@ -181,6 +181,9 @@ def register(subparsers) -> None:
                              "100, [M]'s; rises spread over thousands of steps need a wider window)")
     parser.add_argument("--phase-threshold", type=float, default=0.025,
                         help="[M]'s phase rule's accuracy rise (default 0.025)")
+    parser.add_argument("--circuit-rise", type=float, default=0.1, metavar="RISE",
+                        help="a phase names the next circuit when its metrics rose by RISE over the previous "
+                             "phase's, even below the absolute thresholds (default 0.1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the lab's matrices are small, and on a 2-core CPU a "
                              "second thread made the quick preset twice as slow)")

@@ -9,6 +9,8 @@ re-analysed later. Written into the run directory ``out``:
   attention pattern over the held-out set at every evaluation step);
 - ``tables/phases.csv``: seed, phase, start (its first step), circuit, n_steps (evaluations outside transitions
   that name the circuit), accuracy (their mean);
+- ``tables/phase_metrics.csv``: seed, phase, block, and the circuit metrics' means over the phase's measured steps
+  outside transitions (what names its circuit, :func:`training_lab.phases.phase_circuits`);
 - ``tables/geometry.csv``: step, seed, layer, site, measure, value, ci_low, ci_high (snapshot steps);
 - ``figures/``: training curves with transitions shaded, circuit metrics, attention maps at each phase's start,
   measures over training (PNG and SVG);
@@ -84,16 +86,24 @@ def _phases_table(phases: xr.Dataset, circuits: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["seed", "phase", "start", "circuit", "n_steps", "accuracy"])
 
 
+def _phase_metrics_table(circuits: xr.Dataset) -> pd.DataFrame:
+    named = circuits["n_steps"] > 0
+    frame = circuits[list(METRICS)].where(named).to_dataframe().dropna().reset_index()
+    return frame[["seed", "phase", "block", *METRICS]]
+
+
 def _geometry_table(geometry: xr.Dataset) -> pd.DataFrame:
     frame = geometry[["value", "ci_low", "ci_high"]].to_dataframe().reset_index()
     return frame[["step", "seed", "layer", "site", "measure", "value", "ci_low", "ci_high"]]
 
 
-def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: float = 0.025,
+def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: float = 0.025, rise: float = 0.1,
             geometry: bool = True, n_boot: int = 100, progress: Any = None) -> Analysis:
     """Analyse the run in ``out`` (its completed steps) and write ``tables/``, ``figures/`` and ``report.html``
     there (see the module doc). ``window`` and ``threshold`` are [M]'s phase rule; ``smooth`` (an odd number of
-    evaluations) the moving average it is applied to (:func:`training_lab.phases.detect_phases`); ``geometry``
+    evaluations) the moving average it is applied to (:func:`training_lab.phases.detect_phases`); ``rise`` the
+    metrics' rise over the previous phase that names a new circuit (:func:`training_lab.phases.phase_circuits`);
+    ``geometry``
     False skips the geometry measures (the slowest part: about a second per snapshot step and seed);
     ``n_boot`` is their bootstrap resamples. ``progress(message)``, when given, is told each stage."""
     out = Path(out)
@@ -106,7 +116,7 @@ def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: f
     patterns = heads_mean(curves["mean_pattern"])
     metrics = circuit_metrics(patterns)
     phases = detect_phases(curves["accuracy"], window=window, threshold=threshold, smooth=smooth)
-    circuits = phase_circuits(metrics, phases)
+    circuits = phase_circuits(metrics, phases, rise=rise)
     measured = None
     if geometry:
         say("geometry over training")
@@ -116,6 +126,7 @@ def analyse(out: str | Path, *, smooth: int = 5, window: int = 100, threshold: f
     _curves_table(curves, phases).to_csv(tables / "curves.csv", index=False)
     _circuits_table(metrics).to_csv(tables / "circuits.csv", index=False)
     _phases_table(phases, circuits).to_csv(tables / "phases.csv", index=False)
+    _phase_metrics_table(circuits).to_csv(tables / "phase_metrics.csv", index=False)
     if measured is not None:
         _geometry_table(measured).to_csv(tables / "geometry.csv", index=False)
     say("figures")

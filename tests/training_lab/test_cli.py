@@ -60,6 +60,18 @@ def test_the_phase_rule_window_and_threshold_are_options(config_file, tmp_path, 
     assert not curves["boundary"].any() and set(curves["phase"]) == {0}
     assert main(["train", "--out", str(out), "--analyse-only", "--phase-window", "0"]) == 2
     assert "window" in error_line(capsys)
+    assert main(["train", "--out", str(out), "--analyse-only", "--circuit-rise", "0"]) == 2
+    assert "rise" in error_line(capsys)
+
+
+def test_the_phase_metrics_that_name_the_circuits_are_a_table(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(out), "--no-progress", "--circuit-rise", "0.05"]) == 0
+    means = pd.read_csv(out / "tables" / "phase_metrics.csv")
+    named = pd.read_csv(out / "tables" / "phases.csv").query("n_steps > 0")
+    assert list(means.columns) == ["seed", "phase", "block", "bigram", "label_attention", "chunk_example"]
+    assert set(zip(means.seed, means.phase)) == set(zip(named.seed, named.phase))
+    assert means.groupby(["seed", "phase"]).size().eq(2).all()  # both blocks
 
 
 @pytest.mark.parametrize("text, names", [

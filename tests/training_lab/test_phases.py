@@ -166,3 +166,36 @@ def test_phase_without_measured_steps_is_unmeasured():
     metric = metrics([0.8, 0.8], [0.1, 0.1], [0.2, 0.2]).expand_dims(step=[500]).expand_dims(seed=[0])
     assert list(phase_circuits(metric, phases)["circuit"].sel(seed=0).values) == ["bigram", "unmeasured",
                                                                                   "unmeasured"]
+
+
+def test_phase_circuits_named_by_rises_below_the_absolute_thresholds():
+    """The [M] paper-preset run's phase means (window 2,000): no metric reaches 0.6, yet each later phase shows the
+    next circuit's rise; a last phase with no rise keeps the most advanced circuit formed so far."""
+    steps = np.arange(0, 10_001, 10)
+    phases = detect_phases(three_phase(steps), steps)
+    means = [metrics([0.95, 0.98], [0.03, 0.01], [0.26, 0.27]),  # bigram
+             metrics([0.66, 0.97], [0.32, 0.02], [0.25, 0.25]),  # block 0's label attention +0.29
+             metrics([0.84, 0.74], [0.15, 0.26], [0.41, 0.02])]  # block 0's chunk +0.16, block 1's label +0.24
+    measured = np.array([1000, 4000, 9000])
+    metric = xr.concat(means, dim="step").assign_coords(step=measured).expand_dims(seed=[0])
+    result = phase_circuits(metric, phases)
+    assert list(result["circuit"].sel(seed=0).values) == ["bigram", "label_attention", "chunk_example"]
+    assert result.attrs["rise"] == 0.1
+    assert list(phase_circuits(metric, phases, rise=0.3)["circuit"].sel(seed=0).values) == ["bigram"] * 3
+
+
+def test_a_phase_without_a_new_rise_keeps_the_circuit_formed_before():
+    steps = np.arange(0, 10_001, 10)
+    phases = detect_phases(three_phase(steps), steps)
+    means = [metrics([0.95, 0.98], [0.03, 0.01], [0.26, 0.27]), metrics([0.66, 0.97], [0.32, 0.02], [0.25, 0.25]),
+             metrics([0.90, 0.97], [0.08, 0.02], [0.25, 0.25])]  # label attention relaxes: no new circuit
+    metric = xr.concat(means, dim="step").assign_coords(step=[1000, 4000, 9000]).expand_dims(seed=[0])
+    assert list(phase_circuits(metric, phases)["circuit"].sel(seed=0).values) == ["bigram", "label_attention",
+                                                                                  "label_attention"]
+
+
+def test_rise_must_be_positive():
+    steps = np.arange(0, 10_001, 10)
+    metric = metrics([0.8, 0.8], [0.1, 0.1], [0.2, 0.2]).expand_dims(step=[500]).expand_dims(seed=[0])
+    with pytest.raises(MeasureError, match="rise"):
+        phase_circuits(metric, detect_phases(three_phase(steps), steps), rise=0)
