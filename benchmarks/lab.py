@@ -15,6 +15,16 @@ per-sample loop's Python overhead, rather than the matrix products both share, d
 model, given run 0's initial weights and the lab's own batches, trains ``--check-steps`` steps;
 ``max_loss_difference`` is the largest difference between its losses and the lab's run-0 losses (batched with the
 other seeds). The machine's load average is recorded since it may be shared. The last line printed is one JSON object.
+
+**The bound.** Batching seeds removes per-step overhead (Python, dispatch, data generation), not arithmetic: each
+seed still needs its own matrix products. ``flops_per_seed_step`` counts them for one training step of one seed
+(``torch.utils.flop_counter`` on the plain model's forward and backward; both trainers do the same products),
+``matmul_flops_per_second`` is the best rate this machine reaches at that thread count (a 1024^3 float32 product),
+so no trainer can take less than ``flops_per_seed_step / matmul_flops_per_second`` per seed-step, and ``ratio_bound``
+= ``plain_seconds_per_step`` / that is the highest ``ratio`` any trainer can reach against this plain loop.
+``plain_compute_seconds_per_step`` is the plain step on a batch generated beforehand (its data generation is the
+rest), and ``lab_single_seconds_per_step`` the lab's step for one seed alone: ``batching_gain`` = that / the
+batched step's time per seed says how much the batch of seeds saves per seed.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ sys.path[:] = [str(HERE.parent)] + [p for p in sys.path if Path(p or ".").resolv
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from training_lab import LabConfig, Trainer, preset  # noqa: E402
 from training_lab.train import query_losses  # noqa: E402
@@ -114,6 +125,28 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.item()
 
 
+def flops_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Floating-point operations of one forward and backward pass of ``model`` on one batch."""
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_rate(size: int = 1024, repeats: int = 5) -> float:
+    """The best float32 matrix-product rate (FLOP/s) over ``repeats`` products of two size x size matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
 def check(config: LabConfig, steps: int) -> float:
     """Max |lab run-0 loss - plain loss| over ``steps`` steps on the lab's batches from the same initial weights."""
     trainer = Trainer(config, "unused")
@@ -152,22 +185,21 @@ def main() -> None:
     trainer = Trainer(config, "unused")
     plain, data = PlainModel(config), PlainData(config, 0)
     optimizer = torch.optim.SGD(plain.parameters(), lr=config.train.lr)
-    lab_times, plain_times = [], []
-    trainer._step(0), plain_step(plain, optimizer, *data.batch(config.train.batch_size))  # warm-up
+    single = Trainer(config.with_seeds([0]), "unused")
+    fixed = data.batch(config.train.batch_size)
+    timings: dict[str, list[float]] = {"lab": [], "plain": [], "plain_compute": [], "lab_single": []}
+    work = {"lab": lambda step: trainer._step(step), "lab_single": lambda step: single._step(step),
+            "plain": lambda step: plain_step(plain, optimizer, *data.batch(config.train.batch_size)),
+            "plain_compute": lambda step: plain_step(plain, optimizer, *fixed)}
+    for run in work.values():  # warm-up
+        run(0)
     for _ in range(args.rounds):
-        start = time.perf_counter()
-        for step in range(args.steps):
-            trainer._step(step)
-        lab_times.append((time.perf_counter() - start) / args.steps)
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            plain_step(plain, optimizer, *data.batch(config.train.batch_size))
-        plain_times.append((time.perf_counter() - start) / args.steps)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        data.batch(config.train.batch_size)
-    plain_data = (time.perf_counter() - start) / args.steps
-    lab_step, plain_step_s = float(np.median(lab_times)), float(np.median(plain_times))
+        for name, run in work.items():
+            timings[name].append(_timed(lambda: [run(step) for step in range(args.steps)]) / args.steps)
+    plain_data = _timed(lambda: [data.batch(config.train.batch_size) for _ in range(args.steps)]) / args.steps
+    lab_step, plain_step_s = float(np.median(timings["lab"])), float(np.median(timings["plain"]))
+    plain_compute, lab_single = float(np.median(timings["plain_compute"])), float(np.median(timings["lab_single"]))
+    flops, rate = flops_per_step(plain, *fixed), matmul_rate()
     run_steps = args.run_steps or config.train.steps
     lab_rate, plain_rate = args.seeds / lab_step, 1 / plain_step_s
     print(json.dumps({
@@ -177,6 +209,10 @@ def main() -> None:
         "lab_seconds_per_batched_step": lab_step, "lab_seed_steps_per_second": lab_rate,
         "plain_seconds_per_step": plain_step_s, "plain_data_seconds_per_step": plain_data,
         "plain_steps_per_second": plain_rate, "ratio": lab_rate / plain_rate, "run_steps": run_steps,
+        "plain_compute_seconds_per_step": plain_compute, "lab_single_seconds_per_step": lab_single,
+        "batching_gain": lab_single / (lab_step / args.seeds), "flops_per_seed_step": flops,
+        "matmul_flops_per_second": rate, "lab_flops_per_second": flops * lab_rate,
+        "ratio_bound": plain_step_s / (flops / rate),
         "seeds_per_hour_lab": lab_rate * 3600 / run_steps, "seeds_per_hour_plain": plain_rate * 3600 / run_steps,
         "max_loss_difference": check(config, args.check_steps),
     }))
