@@ -17,11 +17,12 @@ model, given run 0's initial weights and the lab's own batches, trains ``--check
 other seeds). The machine's load average is recorded since it may be shared. The last line printed is one JSON object.
 
 **The bound.** Batching seeds removes per-step overhead (Python, dispatch, data generation), not arithmetic: each
-seed still needs its own matrix products. ``flops_per_seed_step`` counts them for one training step of one seed
-(``torch.utils.flop_counter`` on the plain model's forward and backward; both trainers do the same products),
+seed still needs its own matrix products. ``flops_per_seed_step`` counts the lab's for one training step of one
+seed (``torch.utils.flop_counter`` over the one-seed trainer's step; the lab computes the last block at the query
+position only, since the loss reads nothing else) and ``plain_flops_per_step`` the plain model's (every position).
 ``matmul_flops_per_second`` is the best rate this machine reaches at that thread count (a 1024^3 float32 product),
-so no trainer can take less than ``flops_per_seed_step / matmul_flops_per_second`` per seed-step, and ``ratio_bound``
-= ``plain_seconds_per_step`` / that is the highest ``ratio`` any trainer can reach against this plain loop.
+so the lab cannot take less than ``flops_per_seed_step / matmul_flops_per_second`` per seed-step, and ``ratio_bound``
+= ``plain_seconds_per_step`` / that is the highest ``ratio`` its arithmetic allows against this plain loop.
 ``plain_compute_seconds_per_step`` is the plain step on a batch generated beforehand (its data generation is the
 rest), and ``lab_single_seconds_per_step`` the lab's step for one seed alone: ``batching_gain`` = that / the
 batched step's time per seed says how much the batch of seeds saves per seed.
@@ -125,11 +126,10 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.item()
 
 
-def flops_per_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Floating-point operations of one forward and backward pass of ``model`` on one batch."""
+def flops(work) -> int:
+    """Floating-point operations of the matrix products (forward and backward) that ``work()`` runs."""
     with FlopCounterMode(display=False) as counter:
-        nn.functional.cross_entropy(model(x), y).backward()
-    model.zero_grad(set_to_none=True)
+        work()
     return counter.get_total_flops()
 
 
@@ -199,7 +199,8 @@ def main() -> None:
     plain_data = _timed(lambda: [data.batch(config.train.batch_size) for _ in range(args.steps)]) / args.steps
     lab_step, plain_step_s = float(np.median(timings["lab"])), float(np.median(timings["plain"]))
     plain_compute, lab_single = float(np.median(timings["plain_compute"])), float(np.median(timings["lab_single"]))
-    flops, rate = flops_per_step(plain, *fixed), matmul_rate()
+    lab_flops, rate = flops(lambda: single._step(0)), matmul_rate()
+    plain_flops = flops(lambda: plain_step(plain, optimizer, *fixed))
     run_steps = args.run_steps or config.train.steps
     lab_rate, plain_rate = args.seeds / lab_step, 1 / plain_step_s
     print(json.dumps({
@@ -210,9 +211,9 @@ def main() -> None:
         "plain_seconds_per_step": plain_step_s, "plain_data_seconds_per_step": plain_data,
         "plain_steps_per_second": plain_rate, "ratio": lab_rate / plain_rate, "run_steps": run_steps,
         "plain_compute_seconds_per_step": plain_compute, "lab_single_seconds_per_step": lab_single,
-        "batching_gain": lab_single / (lab_step / args.seeds), "flops_per_seed_step": flops,
-        "matmul_flops_per_second": rate, "lab_flops_per_second": flops * lab_rate,
-        "ratio_bound": plain_step_s / (flops / rate),
+        "batching_gain": lab_single / (lab_step / args.seeds), "flops_per_seed_step": lab_flops,
+        "plain_flops_per_step": plain_flops, "matmul_flops_per_second": rate,
+        "lab_flops_per_second": lab_flops * lab_rate, "ratio_bound": plain_step_s / (lab_flops / rate),
         "seeds_per_hour_lab": lab_rate * 3600 / run_steps, "seeds_per_hour_plain": plain_rate * 3600 / run_steps,
         "max_loss_difference": check(config, args.check_steps),
     }))
