@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from extraction.cli import (add_cluster_arguments, add_model_arguments, add_prompt_arguments, cluster_options,
-                            model_kwargs, prompt_kwargs)
+from extraction.cli import add_cluster_arguments, cluster_options, prompt_kwargs
+from heads.step_cli import StepCommand, load, print_json
 
 DESCRIPTION = """Attention heads behind in-context learning ([Y] Yang et al. 2025): previous-token (PTH) and
 induction (IH) head scores, head ablation, task-vector injection, and their effect on the query hidden states layer
@@ -65,19 +64,9 @@ folder. Re-running re-uses every finished group.
 }
 
 
-def _load(args: argparse.Namespace):
-    from extraction.models import load_model
-
-    return load_model(args.model, **model_kwargs(args))
-
-
 def _prompt_options(args: argparse.Namespace) -> dict:
     """Prompt settings other than task, shots, n and seed."""
     return {k: v for k, v in prompt_kwargs(args).items() if k not in ("task", "shots", "n", "seed")}
-
-
-def _print(payload: dict) -> None:
-    print(json.dumps(payload, default=str))
 
 
 def _scores(args: argparse.Namespace, loaded, n: int):
@@ -103,14 +92,14 @@ def _named_set(args: argparse.Namespace, loaded, name: str) -> list:
 def run_score(args: argparse.Namespace) -> int:
     import numpy as np
 
-    scores = _scores(args, _load(args), args.n)
+    scores = _scores(args, load(args), args.n)
     top = {}
     for name in scores.data_vars:
         values = scores[name].values
         order = np.argsort(-values, axis=None, kind="stable")[:args.top]
         top[name] = [[int(i // values.shape[1]), int(i % values.shape[1]), round(float(values.flat[i]), 4)]
                      for i in order]
-    _print({"store": args.store, "group": "head_scores", "top": top})
+    print_json({"store": args.store, "group": "head_scores", "top": top})
     return 0
 
 
@@ -119,7 +108,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     from extraction.interventions import HeadAblation
     from heads.task_vectors import head_means
 
-    loaded = _load(args)
+    loaded = load(args)
     heads = _named_set(args, loaded, args.set)
     named = args.set in ("ih", "pth", "random")
     setting = args.setting or (f"ablate_{args.set}" if named else "ablate_heads")
@@ -131,7 +120,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     with cluster_options(args) as cluster:
         dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
                           intervention=ablation, **cluster, **kwargs)
-    _print({"store": args.store, "group": setting, "heads": heads, **accuracy(dataset)})
+    print_json({"store": args.store, "group": setting, "heads": heads, **accuracy(dataset)})
     return 0
 
 
@@ -141,7 +130,7 @@ def run_inject(args: argparse.Namespace) -> int:
     from heads.pipeline import injection_layer
     from heads.task_vectors import VECTOR_SPACE, task_vector
 
-    loaded = _load(args)
+    loaded = load(args)
     heads = _named_set(args, loaded, args.vector)
     layer = args.layer if args.layer is not None else (
         injection_layer(loaded.arch.n_layers) if args.vector == "ih" else 2)
@@ -154,8 +143,8 @@ def run_inject(args: argparse.Namespace) -> int:
     with cluster_options(args) as cluster:
         dataset = extract(loaded, args.store, setting=setting, batch_size=args.batch_size, overwrite=args.overwrite,
                           intervention=injection, **cluster, **{**kwargs, "shots": 0})
-    _print({"store": args.store, "group": setting, "layer": layer, "heads": heads,
-            "vector_norm": float(vector.norm()), **accuracy(dataset)})
+    print_json({"store": args.store, "group": setting, "layer": layer, "heads": heads,
+                "vector_norm": float(vector.norm()), **accuracy(dataset)})
     return 0
 
 
@@ -164,15 +153,16 @@ def run_sweep(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     kwargs = prompt_kwargs(args)
-    result = sweep(_load(args), method=args.method, batch_size=args.batch_size, **kwargs)
+    result = sweep(load(args), method=args.method, batch_size=args.batch_size, **kwargs)
     table = result[["logit_diff", "accuracy", "accuracy_change"]].to_dataframe().reset_index()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
     worst = table.nsmallest(5, "logit_diff")
-    _print({"out": args.out, "method": args.method, "seconds": round(time.perf_counter() - started, 1),
-            "clean_accuracy": result.attrs["clean_accuracy"], "clean_logit_diff": result.attrs["clean_logit_diff"],
-            "most_harmful": worst[["block", "head", "logit_diff", "accuracy"]].to_dict(orient="records")})
+    print_json({"out": args.out, "method": args.method, "seconds": round(time.perf_counter() - started, 1),
+                "clean_accuracy": result.attrs["clean_accuracy"],
+                "clean_logit_diff": result.attrs["clean_logit_diff"],
+                "most_harmful": worst[["block", "head", "logit_diff", "accuracy"]].to_dict(orient="records")})
     return 0
 
 
@@ -181,7 +171,7 @@ def run_study(args: argparse.Namespace) -> int:
     from heads.pipeline import study
 
     kwargs = prompt_kwargs(args)
-    loaded = _load(args)
+    loaded = load(args)
     with cluster_options(args) as cluster:
         result = study(loaded, args.store, fraction=args.fraction, k=args.k, overlap=args.overlap,
                        n_score=args.n_score, pth_first_pair=args.pth_first_pair, mode=args.mode,
@@ -194,7 +184,7 @@ def run_study(args: argparse.Namespace) -> int:
         result.accuracy.to_csv(folder / "accuracy.csv")
         if result.changes is not None:
             result.changes.to_csv(folder / "measure_changes.csv", index=False)
-    _print(summary)
+    print_json(summary)
     return 0
 
 
@@ -215,32 +205,23 @@ def _selection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompts for head scores, head means and task vectors (default 50)")
 
 
-def _add(commands, name: str, help_text: str, func, *, store: bool = True) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    if store:
-        parser.add_argument("store", metavar="STORE", help="Zarr store (created if missing)")
-    add_model_arguments(parser)
-    add_prompt_arguments(parser)
+def _step_options(parser: argparse.ArgumentParser) -> None:
+    """Options every heads step takes."""
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
-    parser.set_defaults(func=func)
-    return parser
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("heads", help="score, ablate and sweep attention heads; inject task vectors",
-                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="heads_command", metavar="STEP")
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    steps = StepCommand(subparsers, "heads", "score, ablate and sweep attention heads; inject task vectors",
+                        DESCRIPTION, EXAMPLES, _step_options)
 
-    score_parser = _add(commands, "score", "score every head (PTH, IH and classic detectors) into the store", run_score)
+    score_parser = steps.add("score", "score every head (PTH, IH and classic detectors) into the store", run_score)
     score_parser.set_defaults(n=50)
     score_parser.add_argument("--top", type=int, default=5, help="heads listed per score in the output (default 5)")
     _score_arguments(score_parser)
     score_parser.add_argument("--overwrite-scores", action="store_true",
                               help="replace head scores saved with other settings")
 
-    ablate_parser = _add(commands, "ablate", "extract states with a head set ablated", run_ablate)
+    ablate_parser = steps.add("ablate", "extract states with a head set ablated", run_ablate)
     ablate_parser.add_argument("--set", required=True, help="ih, pth, random, or heads as BLOCK.HEAD,BLOCK.HEAD")
     ablate_parser.add_argument("--mode", default="zero", choices=["zero", "mean"], help="zero or mean ablation")
     ablate_parser.add_argument("--setting", default=None, help="group name (default ablate_<set>)")
@@ -248,7 +229,7 @@ def register(subparsers) -> None:
     _selection_arguments(ablate_parser)
     add_cluster_arguments(ablate_parser)
 
-    inject_parser = _add(commands, "inject", "extract zero-shot states with a task vector injected", run_inject)
+    inject_parser = steps.add("inject", "extract zero-shot states with a task vector injected", run_inject)
     inject_parser.add_argument("--vector", required=True,
                                help="ih, pth, or heads as BLOCK.HEAD,... whose outputs make the vector")
     inject_parser.add_argument("--layer", type=int, default=None,
@@ -258,13 +239,13 @@ def register(subparsers) -> None:
     _selection_arguments(inject_parser)
     add_cluster_arguments(inject_parser)
 
-    sweep_parser = _add(commands, "sweep", "zero-ablate each head alone and measure the label logits", run_sweep,
-                        store=False)
+    sweep_parser = steps.add("sweep", "zero-ablate each head alone and measure the label logits", run_sweep,
+                             store=False)
     sweep_parser.add_argument("--method", default="fast", choices=["fast", "naive"],
                               help="fast: re-run only the layers after each head (default); naive: one pass per head")
     sweep_parser.add_argument("--out", default=None, metavar="CSV", help="write the per-head table here")
 
-    study_parser = _add(commands, "study", "run the whole heads study and summarise it", run_study)
+    study_parser = steps.add("study", "run the whole heads study and summarise it", run_study)
     _selection_arguments(study_parser)
     study_parser.add_argument("--mode", default="zero", choices=["zero", "mean"], help="ablation mode (default zero)")
     study_parser.add_argument("--no-measures", action="store_true", help="skip the geometry measures")

@@ -40,30 +40,24 @@ from __future__ import annotations
 
 import logging
 import re
-from contextlib import ExitStack
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
-from extraction.capture import forward_last
 from extraction.donors import DonorSpec, donor_prompts
-from extraction.edges import (EDGE_TYPES, EdgeKnockout, EdgePatch, attention_inputs, check_masked_attention,
-                              edge_pairs, edge_type, install_mask_edit, install_patch, patch_plan)
-from extraction.interventions import Batch, Intervention
+from extraction.edges import EDGE_TYPES, EdgeKnockout, EdgePatch, check_masked_attention, edge_type
+from extraction.interventions import Intervention
 from extraction.models import LoadedModel
 from extraction.pair_tasks import PairTask, is_pair_task
-from extraction.positions import PositionGroups
-from extraction.prompts import Encoded, Prompt, encode
 from extraction.tasks import Task
-from geometry.bootstrap import CI_LEVEL, resample_counts
+from geometry.bootstrap import CI_LEVEL
 from heads.errors import HeadsError
-from heads.prompting import PromptBatches, prompt_batches
-from heads.rerun import LayerCalls, call_layer, recorded_input
-from heads.sweeps import METHODS, check_readout
+from heads.flow_runs import Cells, Knockouts, Patches, run_fast, run_naive, summaries
+from heads.pair_flow import pair_edge_scan
+from heads.prompting import prompt_batches
+from heads.sweeps import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -109,132 +103,6 @@ def windows(n_blocks: int, width: int = DEFAULT_WIDTH) -> list[tuple[int, ...]]:
     if not 1 <= width <= n_blocks:
         raise HeadsError(f"window width {width} does not fit the model's {n_blocks} blocks; use 1..{n_blocks}")
     return [tuple(range(first, first + width)) for first in range(n_blocks - width + 1)]
-
-
-class _Cells:
-    """Final-position logits of every (edge, window, example): label words' logits and whole-vocabulary top-1."""
-
-    def __init__(self, n_edges: int, n_windows: int, n: int, classes: int):
-        self.label_logits = np.zeros((n_edges, n_windows, n, classes), np.float32)
-        self.top_token = np.zeros((n_edges, n_windows, n), np.int64)
-        self.clean_label_logits = np.zeros((n, classes), np.float32)
-        self.clean_top_token = np.zeros(n, np.int64)
-
-    def put(self, edge: int, window: int, index: np.ndarray, logits: torch.Tensor, tokens: list[int]) -> None:
-        self.label_logits[edge, window, index] = logits[:, tokens].numpy()
-        self.top_token[edge, window, index] = logits.argmax(-1).numpy()
-
-
-def _batch(reference: PromptBatches, index: np.ndarray, encoded: Encoded, device) -> Batch:
-    return Batch(encoded.input_ids.to(device), encoded.attention_mask.to(device), encoded.groups,
-                 reference.rows(index))
-
-
-@torch.no_grad()
-def _naive(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
-           cells: _Cells, cell: Callable[[str, tuple[int, ...]], Intervention], progress: bool) -> None:
-    bar = tqdm(total=len(reference.batches) * (1 + len(edges) * len(spans)), desc="flow (naive)", disable=not progress)
-    interventions = {(edge, blocks): cell(edge, blocks) for edge in edges for blocks in spans}
-    for index, encoded in reference.batches:
-        batch = _batch(reference, index, encoded, loaded.device)
-        logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
-        cells.clean_label_logits[index] = logits[:, reference.label_tokens].numpy()
-        cells.clean_top_token[index] = logits.argmax(-1).numpy()
-        bar.update()
-        for e, edge in enumerate(edges):
-            for w, blocks in enumerate(spans):
-                with interventions[edge, blocks].applied(loaded, batch):
-                    logits = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
-                cells.put(e, w, index, logits, reference.label_tokens)
-                bar.update()
-    bar.close()
-
-
-class _Knockouts:
-    """Fast-method edits of a batch stacked with one copy per edge: copy (prompt p, edge e) = row p * E + e has edge
-    e knocked out."""
-
-    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str]):
-        self.blocked = _stacked_pairs(encoded, edges)[:, None].to(loaded.device)
-        self.arch = loaded.arch
-
-    def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
-        install_mask_edit(self.arch, blocks, lambda: self.blocked, stack)
-
-
-class _Patches:
-    """Fast-method edits of the stacked batch (see :class:`_Knockouts`): copy (p, e) reads edge e's senders from
-    prompt p's donor, whose every block's attention input is recorded in one donor pass."""
-
-    def __init__(self, loaded: LoadedModel, encoded: Encoded, edges: list[str], donors: list[Prompt]):
-        arch = self.arch = loaded.arch
-        donor = encode(loaded.tokenizer, donors, max_length=arch.max_context)
-        self.inputs = attention_inputs(loaded.model, arch, range(arch.n_layers),
-                                       Batch(donor.input_ids.to(loaded.device), donor.attention_mask.to(loaded.device)))
-        self.rows = torch.arange(len(donors)).repeat_interleave(len(edges))
-        self.plan = patch_plan(_stacked_pairs(encoded, edges), _rows(encoded.groups, self.rows),
-                               _rows(donor.groups, self.rows))
-
-    def install(self, blocks: Sequence[int], stack: ExitStack) -> None:
-        install_patch(self.arch, blocks, self.plan, self.inputs, stack, donor_rows=self.rows)
-
-
-def _stacked_pairs(encoded: Encoded, edges: list[str]) -> torch.Tensor:
-    """(B * E, T, T): the pairs of edge e for prompt p at row p * E + e."""
-    return torch.stack([edge_pairs(EDGE_TYPES[edge], encoded.groups) for edge in edges], 1).flatten(0, 1)
-
-
-def _rows(groups: PositionGroups, rows: torch.Tensor) -> PositionGroups:
-    return PositionGroups(groups.kind[rows], groups.demo[rows])
-
-
-@torch.no_grad()
-def _fast(loaded: LoadedModel, reference: PromptBatches, edges: list[str], spans: list[tuple[int, ...]],
-          cells: _Cells, edits: Callable[[np.ndarray, Encoded], _Knockouts | _Patches], progress: bool) -> None:
-    arch = loaded.arch
-    bar = tqdm(total=len(reference.batches) * len(spans), desc="flow (fast)", unit="window", disable=not progress)
-    for index, encoded in reference.batches:
-        batch = _batch(reference, index, encoded, loaded.device)
-        calls = LayerCalls(arch)
-        with calls.recording():
-            own = forward_last(loaded.model, batch.input_ids, batch.attention_mask).cpu()
-        check_readout(arch.readout(calls.final, reference.label_tokens).cpu(), own[:, reference.label_tokens])
-        cells.clean_label_logits[index] = own[:, reference.label_tokens].numpy()
-        cells.clean_top_token[index] = own.argmax(-1).numpy()
-        size = len(index)
-        batch_edits = edits(index, encoded)
-        rows = torch.arange(size).repeat_interleave(len(edges))  # copy (prompt p, edge e) is row p * len(edges) + e
-        for w, blocks in enumerate(spans):
-            first = blocks[0]
-            hidden = recorded_input(calls.calls[first], rows)
-            with ExitStack() as stack:
-                batch_edits.install(blocks, stack)
-                for block in range(first, arch.n_layers):
-                    hidden = call_layer(arch.layers[block], hidden, calls.calls[block], size, rows)
-            logits = arch.readout(hidden[:, -1]).cpu().view(size, len(edges), -1)
-            for e in range(len(edges)):
-                cells.put(e, w, index, logits[:, e], reference.label_tokens)
-            bar.update()
-    bar.close()
-
-
-def _summaries(values: dict[str, np.ndarray], clean: dict[str, np.ndarray], labels: np.ndarray, n_boot: int,
-               seed: int) -> dict[str, tuple[tuple[str, ...], np.ndarray]]:
-    """Means over prompts (last axis) of each per-prompt quantity, changes from clean, and bootstrap intervals."""
-    counts = resample_counts(labels, n_boot, np.random.default_rng(seed)) / len(labels)  # (n_boot, n)
-    tail = 100 * (1 - CI_LEVEL) / 2
-    out = {}
-
-    def add(name: str, per_prompt: np.ndarray) -> None:
-        out[name] = (("edge", "window"), per_prompt.mean(-1))
-        low, high = np.percentile(per_prompt @ counts.T, [tail, 100 - tail], axis=-1)
-        out[f"{name}_low"], out[f"{name}_high"] = (("edge", "window"), low), (("edge", "window"), high)
-
-    for name, per_prompt in values.items():
-        add(name, per_prompt)
-        if name in clean:
-            add(f"{name}_change", per_prompt - clean[name])
-    return out
 
 
 def edge_scan(
@@ -287,8 +155,6 @@ def edge_scan(
     check_masked_attention(loaded.arch)
     spans = windows(loaded.arch.n_layers, width)
     if is_pair_task(task):
-        from heads.pair_flow import pair_edge_scan  # it builds on this module
-
         if spec is not None:
             raise HeadsError("patching edges applies to classification tasks for now; scan the pair task "
                              f"{getattr(task, 'name', task)!r} with mode='knockout'")
@@ -302,7 +168,7 @@ def edge_scan(
                                **prompt_options)
     labels = reference.prompts.labels
     classes = list(reference.prompts.label_words)
-    cells = _Cells(len(names), len(spans), n, len(classes))
+    cells = Cells(len(names), len(spans), n, len(classes))
     log.info("scanning %d edge types x %d windows on %d %d-shot prompts (%s, %s)", len(names), len(spans), n, shots,
              mode, method)
     kind = EdgePatch if spec else EdgeKnockout
@@ -314,14 +180,14 @@ def edge_scan(
             patch.prepare(loaded, reference.task, reference.prompts)
             return patch
 
-        _naive(loaded, reference, names, spans, cells, cell, progress)
+        run_naive(loaded, reference, names, spans, cells, cell, progress)
     elif spec is None:
-        _fast(loaded, reference, names, spans, cells, lambda index, encoded: _Knockouts(loaded, encoded, names),
-              progress)
+        run_fast(loaded, reference, names, spans, cells, lambda index, encoded: Knockouts(loaded, encoded, names),
+                 progress)
     else:
         donors = donor_prompts(spec, reference.task, reference.prompts)
-        _fast(loaded, reference, names, spans, cells,
-              lambda index, encoded: _Patches(loaded, encoded, names, [donors[i] for i in index]), progress)
+        run_fast(loaded, reference, names, spans, cells,
+                 lambda index, encoded: Patches(loaded, encoded, names, [donors[i] for i in index]), progress)
     gold_token = np.asarray(reference.label_tokens)[labels]
     gold = np.arange(n), labels
     values = {
@@ -331,7 +197,7 @@ def edge_scan(
     }
     clean = {"accuracy": (cells.clean_label_logits.argmax(-1) == labels).astype(float),
              "vocab_accuracy": (cells.clean_top_token == gold_token).astype(float)}
-    summary = _summaries(values, clean, labels, n_boot, seed)
+    summary = summaries(values, clean, labels, n_boot, seed)
     return xr.Dataset(
         {
             **summary,

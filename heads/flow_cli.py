@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
-from extraction.cli import (add_cluster_arguments, add_model_arguments, add_prompt_arguments, cluster_options,
-                            model_kwargs, prompt_kwargs)
+from extraction.cli import add_cluster_arguments, cluster_options, prompt_kwargs
+from heads.step_cli import StepCommand, load, print_json
 
 DESCRIPTION = """Information flow between the positions of a few-shot prompt ([B] Bakalova et al.): block the
 attention from one position group to another (pre-softmax score -inf, the rest renormalised) in a window of
@@ -81,16 +80,6 @@ lengths than the base prompt's are refused before anything is written (x->y and 
 }
 
 
-def _load(args: argparse.Namespace):
-    from extraction.models import load_model
-
-    return load_model(args.model, **model_kwargs(args))
-
-
-def _print(payload: dict) -> None:
-    print(json.dumps(payload, default=str))
-
-
 def _names(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -110,7 +99,7 @@ def run_scan(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     kwargs = prompt_kwargs(args)
-    ds = edge_scan(_load(args), edges=_names(args.edges) if args.edges else None, width=args.width,
+    ds = edge_scan(load(args), edges=_names(args.edges) if args.edges else None, width=args.width,
                    method=args.method, mode="patch" if args.patch else "knockout", donor=args.patch,
                    batch_size=args.batch_size, n_boot=args.n_boot, progress=not args.quiet,
                    generate=_cells(args.generate) if args.generate else (), **kwargs)
@@ -130,7 +119,7 @@ def run_scan(args: argparse.Namespace) -> int:
     change = table[table["quantity"] == "accuracy_change"]
     summary["most_harmful"] = change.nsmallest(5, "value")[["edge", "window", "window_last", "value", "low",
                                                             "high"]].to_dict(orient="records")
-    _print(summary)
+    print_json(summary)
     return 0
 
 
@@ -151,7 +140,7 @@ def run_knockout(args: argparse.Namespace) -> int:
     else:
         intervention = EdgeKnockout(args.edge, blocks, heads, origin=origin)
         group = args.setting or knockout_group(args.edge, blocks)
-    loaded = _load(args)
+    loaded = load(args)
     intervention.check(loaded.arch)
     kwargs = dict(batch_size=args.batch_size, progress=not args.quiet, **prompt_kwargs(args))
     # The intervention first: an edge with no positions in these prompts (or donors that do not align) fails before
@@ -167,36 +156,27 @@ def run_knockout(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         changes.to_csv(args.out, index=False)
     largest = changes.reindex(changes["change"].abs().sort_values(ascending=False).index).head(5)
-    _print({"store": args.store, "group": group, "baseline": args.baseline, "blocks": blocks, "heads": heads,
-            "out": args.out, "accuracy": accuracy(changed), "baseline_accuracy": accuracy(clean),
-            "largest_changes": largest[["layer", "measure", "change"]].to_dict(orient="records")})
+    print_json({"store": args.store, "group": group, "baseline": args.baseline, "blocks": blocks, "heads": heads,
+                "out": args.out, "accuracy": accuracy(changed), "baseline_accuracy": accuracy(clean),
+                "largest_changes": largest[["layer", "measure", "change"]].to_dict(orient="records")})
     return 0
 
 
-def _add(commands, name: str, help_text: str, func) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help_text, description=help_text, epilog=EXAMPLES[name],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    if name in ("knockout", "patch"):
-        parser.add_argument("store", metavar="STORE", help="Zarr store (created if missing)")
-    add_model_arguments(parser)
-    add_prompt_arguments(parser)
+def _step_options(parser: argparse.ArgumentParser) -> None:
+    """Options every flow step takes."""
     parser.add_argument("--width", type=int, default=3, help="blocks per window (default 3)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals (default "
                                                                  "1000; 0: none)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.set_defaults(func=func)
-    return parser
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("flow", help="knock out attention edges between prompt positions ([B])",
-                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="flow_command", metavar="STEP")
-    parser.set_defaults(func=lambda args: parser.print_help() or 2)
+    steps = StepCommand(subparsers, "flow", "knock out attention edges between prompt positions ([B])", DESCRIPTION,
+                        EXAMPLES, _step_options)
 
-    scan = _add(commands, "scan", "knock out every edge type over sliding block windows; table and heat map",
-                run_scan)
+    scan = steps.add("scan", "knock out every edge type over sliding block windows; table and heat map", run_scan,
+                     store=False)
     scan.set_defaults(n=32)
     scan.add_argument("--edges", default=None, metavar="E,E", help="comma-separated edge types (default: all six)")
     scan.add_argument("--method", default="fast", choices=["fast", "naive"],
@@ -209,10 +189,9 @@ def register(subparsers) -> None:
                       help="pair tasks: also generate whole answers under these knockouts, each an edge type and "
                            "the first block of its window (y->final@9); costly")
 
-    knockout = _add(commands, "knockout", "extract states under one edge knockout; every measure's change",
-                    run_knockout)
-    patch = _add(commands, "patch", "extract states under one edge patched from donor prompts; every measure's change",
-                 run_knockout)
+    knockout = steps.add("knockout", "extract states under one edge knockout; every measure's change", run_knockout)
+    patch = steps.add("patch", "extract states under one edge patched from donor prompts; every measure's change",
+                      run_knockout)
     patch.add_argument("--donor", default="shuffled", metavar="DONOR",
                        help="donor prompts: shuffled (default), demos:SEED or task:NAME (optional :SEED)")
     for step, name in ((knockout, "knockout"), (patch, "patch")):

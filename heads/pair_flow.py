@@ -35,7 +35,7 @@ from extraction.pair_tasks import PairPrompt, PairPromptConfig, PairTask, answer
 from extraction.prompts import Encoded, PromptConfig, encode
 from geometry.bootstrap import CI_LEVEL
 from heads.errors import HeadsError
-from heads.flow import _Cells, _fast, _Knockouts, _naive, _summaries
+from heads.flow_runs import Cells, Knockouts, run_fast, run_naive, summaries
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,14 @@ def pair_edge_scan(
                              template=prompt_options.get("template"),
                              separator=prompt_options.get("separator") or "\n")
     readings = list(reference.task.readings)
-    cells = _Cells(len(names), len(spans), n, len(reference.label_tokens))
+    cells = Cells(len(names), len(spans), n, len(reference.label_tokens))
     log.info("scanning %d edge types x %d windows on %d %d-shot prompts of %s (%s)", len(names), len(spans), n,
              shots, reference.task.name, method)
     if method == "fast":
-        _fast(loaded, reference, names, spans, cells, lambda index, encoded: _Knockouts(loaded, encoded, names),
-              progress)
+        run_fast(loaded, reference, names, spans, cells, lambda index, encoded: Knockouts(loaded, encoded, names),
+                 progress)
     else:
-        _naive(loaded, reference, names, spans, cells, EdgeKnockout, progress)
+        run_naive(loaded, reference, names, spans, cells, EdgeKnockout, progress)
     columns = reference.columns()
     tracked = np.take_along_axis(cells.label_logits, np.broadcast_to(columns, cells.label_logits.shape[:2]
                                                                      + columns.shape), axis=-1)
@@ -179,7 +179,7 @@ def pair_edge_scan(
             exact[:, e, w] = _exact(loaded, reference, batch_size, EdgeKnockout(names[e], spans[w]))
         values.update(zip(exact_names, exact))
         clean.update(zip(exact_names, clean_exact))
-    summary = _summaries(values, clean, np.zeros(n, dtype=int), n_boot, seed)
+    summary = summaries(values, clean, np.zeros(n, dtype=int), n_boot, seed)
     answers = ["gold", *readings]
     return xr.Dataset(
         {

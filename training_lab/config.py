@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+import torch
+
 from training_lab.clamps import ClampSpec, check_all
 from training_lab.errors import LabError
 
@@ -145,8 +147,8 @@ class ModelConfig:
                            "(model.width / model.n_heads); change the width or the number of heads")
 
 
-#: The optimizers a lab run can use, by their config name.
-OPTIMIZERS = ("sgd", "adam")
+#: The optimizers a lab run can use, by their config name (Adam with torch's default betas and eps).
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 @dataclass(frozen=True)

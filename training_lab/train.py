@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from training_lab import checkpoints, clamps, store
-from training_lab.config import LabConfig, TrainConfig, log_steps
+from training_lab.config import OPTIMIZERS, LabConfig, TrainConfig, log_steps
 from training_lab.errors import NonFiniteLossError
 from training_lab.model import LabTransformer, run_generators
 from training_lab.tasks import Batch, make_world, sample, stack
@@ -29,8 +29,6 @@ from training_lab.tasks import Batch, make_world, sample, stack
 STORE_NAME, CHECKPOINT_DIR = "run.zarr", "checkpoints"
 #: Per read-out kind: the snapshots' variable of the values the read-out's rows act on, and its width dim.
 READOUT_VARIABLES = {"mlp": ("readout_hidden", "unit"), "linear": ("readout_input", "dim")}
-#: Optimizer classes by ``train.optimizer`` name (Adam with torch's default betas and eps).
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 @dataclass(frozen=True)

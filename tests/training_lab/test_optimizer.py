@@ -41,3 +41,11 @@ def test_adam_on_batched_seeds_equals_separate_runs(tiny, tmp_path):
 def test_an_unknown_optimizer_fails_in_one_line(tiny):
     with pytest.raises(LabError, match="train.optimizer must be one of sgd, adam, got 'rmsprop'"):
         replace(tiny.train, optimizer="rmsprop")
+
+
+def test_every_optimizer_the_config_accepts_is_the_one_the_trainer_builds(tiny, tmp_path):
+    from training_lab.config import OPTIMIZERS
+
+    for name, kind in OPTIMIZERS.items():
+        config = replace(tiny, train=replace(tiny.train, optimizer=name))
+        assert type(Trainer(config, tmp_path / name).optimizer) is kind
