@@ -119,7 +119,8 @@ def extract(
     or a list of them, applied in order around every forward pass of the run and recorded exactly with the group
     (see :mod:`extraction.interventions`).
     Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
-    included) into an existing group are refused unless ``overwrite``.
+    included, or a model loaded with another dtype or quantisation: see :attr:`LoadedModel.identity`) into an
+    existing group are refused unless ``overwrite``.
 
     ``keep="statistics"`` keeps, per layer and class (in ``statistics_blocks`` blocks, the bootstrap's units), the
     running count, mean and centred second moment of the query states instead of the states: fixed memory and
@@ -154,9 +155,8 @@ def extract(
     longest = check_context(loaded, prompts)
     setting = setting or default_setting(shots)
     config = {
-        **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
-        "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
-        "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": records,
+        **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template, **loaded.identity,
+        "store_dtype": store_dtype, "intervention": records,
     }
     if keep != "states" and (client is not None or workers is not None):
         raise ClusterError("keep='statistics' runs in one process; drop client and workers (or keep='states')")

@@ -35,7 +35,8 @@ change of metadata this package makes (a group created, completed, replaced, or 
 itself always reads the per-node metadata (``use_consolidated=False``), so a stale copy written by another tool
 never misleads it. Chunk writes do not touch metadata, so an interrupted run resumes as before.
 
-Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
+Group attrs: ``config`` (the extraction configuration with the model's identity: spec, hash, dtype, quantisation,
+see :attr:`extraction.models.LoadedModel.identity`; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
 and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
@@ -143,9 +144,36 @@ def stored_example_chunk(path: str | Path, group: str) -> int | None:
         return root[group]["done"].chunks[0] if group in root and "done" in root[group] else None
 
 
-def canonical(config: dict[str, Any]) -> str:
-    """A configuration as canonical JSON, so two runs' configurations compare by value."""
-    return json.dumps(config, sort_keys=True, default=str)
+def canonical(value: Any) -> str:
+    """A configuration (or one of its values) as canonical JSON, so two runs' configurations compare by value."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+#: Configuration keys added after stores were first written -> what a stored configuration without the key was
+#: written with (such a store resumes when the new run has that value, and is refused otherwise).
+LATER_KEYS: dict[str, Any] = {"quantization": None}
+_MISSING = object()
+
+
+def differences(stored: dict[str, Any], config: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Where a group's ``stored`` configuration and a run's ``config`` differ: dotted key (into nested tables) ->
+    (stored value, run's value); a key of :data:`LATER_KEYS` missing from either counts as its old default."""
+    if not prefix:
+        stored, config = {**LATER_KEYS, **stored}, {**LATER_KEYS, **config}
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(stored) | set(config)):
+        was, now = stored.get(key, _MISSING), config.get(key, _MISSING)
+        if isinstance(was, dict) and isinstance(now, dict):
+            changes.update(differences(was, now, f"{prefix}{key}."))
+        elif was is _MISSING or now is _MISSING or canonical(was) != canonical(now):
+            changes[f"{prefix}{key}"] = (was, now)
+    return changes
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A configuration value as short JSON for a one-line message ("missing" for a key one side lacks)."""
+    text = "missing" if value is _MISSING else canonical(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def library_versions(names: Sequence[str]) -> dict[str, str]:
@@ -179,15 +207,17 @@ class GroupWriter:
             if overwrite:
                 del self.root[group]
                 consolidate(self.path)
-            elif canonical(existing.attrs.get("config", {})) != canonical(config):
-                old = existing.attrs.get("config", {})
-                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise GroupClashError(
-                    f"group {group!r} in {self.path} was written with a different configuration "
-                    f"(differs in: {', '.join(changed)})", path=self.path, group=group, changed=changed,
-                    remedy="choose another setting name or pass overwrite=True to replace it",
-                )
             else:
+                changes = differences(existing.attrs.get("config", {}), config)
+                if changes:
+                    shown = "; ".join(f"{key} ({_shown(was)} stored, {_shown(now)} now)"
+                                      for key, (was, now) in changes.items())
+                    raise GroupClashError(
+                        f"group {group!r} in {self.path} was written with a different configuration "
+                        f"(differs in: {shown})", path=self.path, group=group,
+                        changed=sorted({key.split(".")[0] for key in changes}),
+                        remedy="choose another setting name or pass overwrite=True to replace it",
+                    )
                 self.node = existing
 
     @property
