@@ -192,7 +192,8 @@ class GroupWriter:
 
     ``done`` is written after the other arrays of a batch, so an example counts as written only when all of it is.
     When the last example is done the writer refreshes the consolidated metadata (unless ``consolidates`` is False:
-    a worker of a sharded run leaves that to the client).
+    a worker of a sharded run leaves that to the client). It knows the last one by counting (:attr:`remaining`),
+    so a batch reads only its own chunk of ``done``, never the whole array.
     """
 
     consolidates = True
@@ -203,6 +204,7 @@ class GroupWriter:
             self.root = open_root(self.path, mode="a")
             existing = self.root[group] if group in self.root else None
         self.node: zarr.Group | None = None
+        self._remaining: int | None = None
         if existing is not None:
             if overwrite:
                 del self.root[group]
@@ -229,6 +231,18 @@ class GroupWriter:
         return np.flatnonzero(~self.node["done"][:])
 
     @property
+    def remaining(self) -> int:
+        """How many examples are not yet marked done: counted from ``done`` on first use, then kept by
+        :meth:`mark_done` (and by a subclass that completes examples itself)."""
+        if self._remaining is None:
+            self._remaining = len(self.pending())
+        return self._remaining
+
+    @remaining.setter
+    def remaining(self, count: int) -> None:
+        self._remaining = count
+
+    @property
     def example_chunk(self) -> int:
         """Examples per chunk along ``example`` (every array alike)."""
         return self.node["done"].chunks[0]
@@ -250,7 +264,7 @@ class GroupWriter:
                                       dimension_names=dims)
             array[...] = values
         node.attrs.update({**attrs, "config": self.config, "example_chunk": node["done"].chunks[0]})
-        self.node = node
+        self.node, self.remaining = node, node["done"].shape[0]
         consolidate(self.path)
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
@@ -263,10 +277,21 @@ class GroupWriter:
             self.mark_done(index)
 
     def mark_done(self, index: np.ndarray) -> None:
-        """Mark the examples at ``index`` written (the resume marker)."""
+        """Mark the examples at ``index`` written (the resume marker); the call that marks the last pending example
+        refreshes the consolidated metadata (a writer that does not consolidate keeps no count: in a sharded run
+        other processes mark the other examples)."""
+        last = self.consolidates and self._count_new(index)
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
-        if self.consolidates and len(self.pending()) == 0:
+        if last:
             consolidate(self.path)
+
+    def _count_new(self, index: np.ndarray) -> bool:
+        """Take the examples of ``index`` not yet done (examples marked again do not count) off :attr:`remaining`;
+        whether they were the last ones. Reads only ``index``'s chunks of ``done``."""
+        before = self.remaining
+        unique = np.unique(index)
+        self.remaining = before - int(np.count_nonzero(~self.node["done"].get_orthogonal_selection((unique,))))
+        return before > 0 and self.remaining == 0
 
     def set_attrs(self, **attrs: Any) -> None:
         self.node.attrs.update(attrs)
