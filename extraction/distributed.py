@@ -244,15 +244,16 @@ def run_shard(recipe: ModelRecipe, path: str, group: str, config: dict[str, Any]
     return int(todo.sum())
 
 
-def run_on_cluster(client: Any, recipe: ModelRecipe, writer: GroupWriter, prompts: list, example_chunk: int,
+def run_on_cluster(client: Any, recipe: ModelRecipe, writer: GroupWriter, items: list, example_chunk: int,
                    fill: Callable[..., None], fill_kwargs: dict[str, Any], bar: Any) -> int:
-    """Run every pending shard of ``writer``'s group on the cluster; return how many examples were computed."""
+    """Run every pending shard of ``writer``'s group on the cluster (``items``: what ``fill`` takes for each
+    example, a shard's sent with its task); return how many examples were computed."""
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:8]
     futures = [
         client.submit(run_shard, recipe, str(writer.path), writer.group, writer.config, index,
-                      [prompts[i] for i in index], fill, fill_kwargs, pure=False,
+                      [items[i] for i in index], fill, fill_kwargs, pure=False,
                       key=f"extract-{writer.group}-{int(index[0]) // example_chunk}-{token}")
         for index in shards(writer.pending(), example_chunk)
     ]

@@ -27,8 +27,8 @@ from extraction.interventions import (Batch, Intervention, as_interventions, int
 from extraction.lens import logit_lens
 from extraction.models import LoadedModel
 from extraction.positions import KIND_CODES
-from extraction.prompts import (Encoded, Prompt, PromptConfig, PromptSet, build_prompts, check_lengths, encode,
-                                label_token_ids)
+from extraction.prompts import (Encoded, Prompt, PromptConfig, PromptSet, Tokens, build_prompts, check_lengths,
+                                encode, label_token_ids, tokenize)
 from extraction.statistics_writer import KEEP, StatisticsWriter
 from extraction.store import (EXAMPLE_CHUNK, GroupWriter, consolidate, library_versions, open_group,
                               stored_example_chunk)
@@ -119,7 +119,8 @@ def extract(
     or a list of them, applied in order around every forward pass of the run and recorded exactly with the group
     (see :mod:`extraction.interventions`).
     Re-running with the same arguments resumes an interrupted run; different arguments (a different intervention
-    included) into an existing group are refused unless ``overwrite``.
+    included, or a model loaded with another dtype or quantisation: see :attr:`LoadedModel.identity`) into an
+    existing group are refused unless ``overwrite``.
 
     ``keep="statistics"`` keeps, per layer and class (in ``statistics_blocks`` blocks, the bootstrap's units), the
     running count, mean and centred second moment of the query states instead of the states: fixed memory and
@@ -150,13 +151,13 @@ def extract(
     for item in interventions:
         item.prepare(loaded, task_obj, prompts)
     records = [item.describe() for item in interventions] or None
-    tokens = label_token_ids(loaded.tokenizer, prompts)
-    longest = check_context(loaded, prompts)
+    tokenized = tokenize(loaded.tokenizer, prompts.prompts)  # once: the label check, lengths and batches reuse it
+    tokens = label_token_ids(loaded.tokenizer, prompts, tokenized)
+    longest = check_context(loaded, prompts, tokenized)
     setting = setting or default_setting(shots)
     config = {
-        **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template,
-        "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
-        "dtype": loaded.provenance.get("dtype"), "store_dtype": store_dtype, "intervention": records,
+        **prompt_config.to_dict(), "task": task_obj.name, "template": prompts.template, **loaded.identity,
+        "store_dtype": store_dtype, "intervention": records,
     }
     if keep != "states" and (client is not None or workers is not None):
         raise ClusterError("keep='statistics' runs in one process; drop client and workers (or keep='states')")
@@ -184,7 +185,8 @@ def extract(
                 },
                 example_chunk=chunk,
             )
-        _fill(loaded, writer, prompts, tokens, interventions, batch_size, store_dtype, progress, cluster, recipe)
+        _fill(loaded, writer, list(zip(prompts.prompts, tokenized)), tokens, interventions, batch_size, store_dtype,
+              progress, cluster, recipe)
     return open_group(out, setting)
 
 
@@ -218,61 +220,62 @@ def _writer(out: str | Path, setting: str, config: dict, overwrite: bool, keep: 
                             n_blocks=blocks, rank=rank, overwrite=overwrite)
 
 
-def prompt_lengths(loaded: LoadedModel, prompts: PromptSet, indices: np.ndarray) -> np.ndarray:
-    """Token lengths of the prompts at ``indices``."""
-    return np.array([len(ids) for ids in loaded.tokenizer([prompts.prompts[i].text for i in indices])["input_ids"]])
-
-
-def check_context(loaded: LoadedModel, prompts: PromptSet) -> int:
+def check_context(loaded: LoadedModel, prompts: PromptSet, tokenized: Sequence[Tokens]) -> int:
     """Refuse a prompt longer than the model's context before anything is written (the batches check it again);
-    return the longest prompt's length in tokens."""
-    lengths = prompt_lengths(loaded, prompts, np.arange(len(prompts.prompts)))
+    return the longest prompt's length in tokens (``tokenized``: the prompts' tokens)."""
+    lengths = np.array([len(t.ids) for t in tokenized])
     check_lengths(lengths, prompts.prompts, loaded.arch.max_context)
     return int(lengths.max())
 
 
-def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int) -> list[np.ndarray]:
+def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int
+                      ) -> list[np.ndarray]:
     """Pending example indices (sorted) grouped into batches of similar token length (sorted within each batch)."""
-    return [pending[pick] for pick in _length_batches(loaded, [prompts.prompts[i] for i in pending], batch_size)]
+    tokenized = tokenize(loaded.tokenizer, [prompts.prompts[i] for i in pending])
+    return [pending[pick] for pick in _length_batches([len(t.ids) for t in tokenized], batch_size)]
 
 
-def _length_batches(loaded: LoadedModel, items: Sequence[Prompt], batch_size: int) -> list[np.ndarray]:
-    """Positions in ``items`` grouped into batches of similar token length (sorted within each batch)."""
-    lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in items])["input_ids"]]
+def _length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Positions in ``lengths`` (prompts' token lengths) grouped into batches of similar length (sorted within
+    each batch)."""
     order = np.argsort(lengths, kind="stable")
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
-def _fill(loaded, writer: GroupWriter, prompts: PromptSet, tokens: list[int], interventions: list[Intervention],
-          batch_size: int, store_dtype: str, progress: bool, cluster: Any, recipe: ModelRecipe | None) -> None:
-    """Extract the pending examples chunk by chunk, here or (``cluster``) one chunk a Dask task."""
+def _fill(loaded, writer: GroupWriter, items: list[tuple[Prompt, Tokens]], tokens: list[int],
+          interventions: list[Intervention], batch_size: int, store_dtype: str, progress: bool, cluster: Any,
+          recipe: ModelRecipe | None) -> None:
+    """Extract the pending examples (``items``: every example's prompt and its tokens) chunk by chunk, here or
+    (``cluster``) one chunk a Dask task."""
     pending = writer.pending()
     if len(pending) == 0:
         return
-    if len(pending) < len(prompts.prompts):
-        log.info("resuming %s: %d of %d examples left", writer.group, len(pending), len(prompts.prompts))
-    bar = tqdm(total=len(prompts.prompts), initial=len(prompts.prompts) - len(pending), unit="prompt",
-               desc=f"extract {writer.group}", disable=not progress)
+    if len(pending) < len(items):
+        log.info("resuming %s: %d of %d examples left", writer.group, len(pending), len(items))
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), unit="prompt", desc=f"extract {writer.group}",
+               disable=not progress)
     options = dict(tokens=tokens, interventions=interventions, batch_size=batch_size, store_dtype=store_dtype)
     if cluster is None:
         for index in shards(pending, writer.example_chunk):
-            fill_shard(loaded, writer, index, [prompts.prompts[i] for i in index], bar=bar, **options)
+            fill_shard(loaded, writer, index, [items[i] for i in index], bar=bar, **options)
     else:
-        run_on_cluster(cluster, recipe, writer, prompts.prompts, writer.example_chunk, fill_shard, options, bar)
+        run_on_cluster(cluster, recipe, writer, items, writer.example_chunk, fill_shard, options, bar)
         consolidate(writer.path)
     bar.close()
 
 
-def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, items: Sequence[Prompt], *,
-               tokens: list[int], interventions: list[Intervention], batch_size: int, store_dtype: str,
+def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, items: Sequence[tuple[Prompt, Tokens]],
+               *, tokens: list[int], interventions: list[Intervention], batch_size: int, store_dtype: str,
                bar: Any = None) -> None:
-    """Extract ``items`` (the prompts of examples ``index``, all in one chunk) batch by batch into ``writer``."""
+    """Extract ``items`` (the prompts of examples ``index``, all in one chunk, with their tokens) batch by batch
+    into ``writer``."""
     label_tokens = np.array(tokens)
     for item in interventions:
         item.bind(loaded)
-    for pick in _length_batches(loaded, items, batch_size):
-        batch = [items[j] for j in pick]
-        encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context)
+    for pick in _length_batches([len(t.ids) for _, t in items], batch_size):
+        batch = [items[j][0] for j in pick]
+        encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context,
+                         tokens=[items[j][1] for j in pick])
         with intervening(interventions, loaded.arch,
                          Batch(encoded.input_ids, encoded.attention_mask, encoded.groups, tuple(batch))):
             states, logits = run_with_capture(loaded, encoded.input_ids, encoded.attention_mask)

@@ -42,6 +42,21 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def identity(self) -> dict[str, Any]:
+        """What fixes the numbers this model computes, as a store group's configuration records it (a resume must
+        match it): the model (spec and file hash), the dtype it computes in and its quantisation (``None``: none).
+
+        Where and by which kernels it computes is left out: the device, the ``device_map`` and ``max_memory`` of a
+        split or offloaded model, and the attention implementation change the order of floating-point operations,
+        not the function (transformers refuses a backend that would drop part of it, such as SDPA for Gemma 2's
+        soft-capped attention), so states agree up to rounding and a run may resume on another device, split or
+        attention backend.
+        """
+        facts = self.provenance
+        return {"model": facts.get("model_spec", self.spec), "model_sha256": facts.get("model_sha256"),
+                "dtype": facts.get("dtype"), "quantization": facts.get("quantization")}
+
+    @property
     def device(self) -> torch.device:
         """Where input ids go: the device the embedding computes on (the first device of a split model)."""
         return placement.execution_device(self.arch.embedding)

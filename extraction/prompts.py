@@ -99,13 +99,30 @@ def label_prefix_space(template: str) -> str:
     return head[len(head.rstrip()):]
 
 
-def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
+@dataclass(frozen=True)
+class Tokens:
+    """One prompt tokenized (special tokens added, no padding): its token ids and each token's character span
+    (special tokens span none). An extraction tokenizes each prompt once and reuses this for the label check,
+    the prompt's length and its batch."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+
+
+def tokenize(tokenizer, prompts: Sequence[Prompt]) -> list[Tokens]:
+    """Each prompt's :class:`Tokens` (one call of the tokenizer for all of them)."""
+    batch = tokenizer([p.text for p in prompts], return_offsets_mapping=True)
+    return [Tokens(ids, offsets) for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"])]
+
+
+def label_token_ids(tokenizer, prompts: PromptSet, tokens: Sequence[Tokens] | None = None) -> list[int]:
     """The token of each label word as the prompts show it: the first token of its answer, read by offsets.
 
     Each word's token comes from its probe (the template filled with the word, in a prompt), so zero-shot and ICL
     prompts get the same tokens. Refused, naming the words and tokens: a token that also covers text before the
     answer or after the word, multi-token words unless ``allow_multitoken_labels`` (the first token then stands for
-    the word), words whose tokens collide, and any demonstration whose token at its label is not the word's token.
+    the word), words whose tokens collide, and any demonstration whose token at its label is not the word's token
+    (read from ``tokens``, the prompts' :func:`tokenize`, when given).
     """
     probes = tokenizer([p.text for p in prompts.probes], return_offsets_mapping=True)
     answers = [
@@ -129,7 +146,7 @@ def label_token_ids(tokenizer, prompts: PromptSet) -> list[int]:
                 f"{tokenizer.convert_ids_to_tokens([token])[0]!r}; choose words that start differently"
             )
         seen[token] = word
-    _check_demonstrations(tokenizer, prompts, ids)
+    _check_demonstrations(tokenizer, prompts, ids, tokenize(tokenizer, prompts.prompts) if tokens is None else tokens)
     return ids
 
 
@@ -158,15 +175,14 @@ def covering_tokens(offsets: list[tuple[int, int]], start: int, end: int) -> lis
     return [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
 
 
-def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int]) -> None:
+def _check_demonstrations(tokenizer, prompts: PromptSet, ids: list[int], tokenized: Sequence[Tokens]) -> None:
     """Every demonstration's answer must start with its label's token (context can change a word's tokens)."""
-    batch = tokenizer([p.text for p in prompts.prompts], return_offsets_mapping=True)
-    for row, (prompt, tokens, offsets) in enumerate(zip(prompts.prompts, batch["input_ids"], batch["offset_mapping"])):
+    for row, (prompt, tokens) in enumerate(zip(prompts.prompts, tokenized)):
         for number, ((start, end), label) in enumerate(zip(prompt.answer_spans, prompt.demo_labels), 1):
-            hits = covering_tokens(offsets, start, end)
-            if hits and tokens[hits[0]] == ids[label]:
+            hits = covering_tokens(tokens.offsets, start, end)
+            if hits and tokens.ids[hits[0]] == ids[label]:
                 continue
-            found = tokenizer.convert_ids_to_tokens([tokens[hits[0]]])[0] if hits else None
+            found = tokenizer.convert_ids_to_tokens([tokens.ids[hits[0]]])[0] if hits else None
             expected = tokenizer.convert_ids_to_tokens([ids[label]])[0]
             raise LabelWordError(
                 f"label word {prompts.label_words[label]!r} is token {expected!r} but demonstration {number} of "
@@ -284,19 +300,21 @@ def check_lengths(lengths: np.ndarray, prompts: Sequence[Prompt], max_length: in
     )
 
 
-def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> Encoded:
+def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None,
+           tokens: Sequence[Tokens] | None = None) -> Encoded:
     """Tokenize with left padding; ``max_length`` (the model's context) turns an overlong prompt into an error.
 
-    Prompts with segments also get their tokens' position groups (a group with no token is a PromptError).
+    ``tokens`` (the prompts' :func:`tokenize`) are padded instead of tokenizing again. Prompts with segments also
+    get their tokens' position groups (a group with no token is a PromptError).
     """
     if tokenizer.padding_side != "left":
         raise PromptError("the tokenizer must pad on the left so the query is the last position")
-    batch = tokenizer([p.text for p in prompts], padding=True, return_tensors="pt", return_offsets_mapping=True)
-    mask = batch["attention_mask"]
+    input_ids, mask, offset_mapping = _pad_left(tokenize(tokenizer, prompts) if tokens is None else tokens,
+                                                tokenizer.pad_token_id)
     check_lengths(mask.sum(dim=1).numpy(), prompts, max_length)
     positions = []
     for row, prompt in enumerate(prompts):
-        offsets = batch["offset_mapping"][row].tolist()
+        offsets = offset_mapping[row].tolist()
         found = []
         for start, end in prompt.answer_spans:
             hits = covering_tokens(offsets, start, end)
@@ -306,5 +324,22 @@ def encode(tokenizer, prompts: list[Prompt], max_length: int | None = None) -> E
         positions.append(found)
     groups = None
     if all(p.segments for p in prompts):
-        groups = batch_groups(batch["offset_mapping"], mask, [p.segments for p in prompts])
-    return Encoded(batch["input_ids"], mask, positions, groups)
+        groups = batch_groups(offset_mapping, mask, [p.segments for p in prompts])
+    return Encoded(input_ids, mask, positions, groups)
+
+
+def _pad_left(tokens: Sequence[Tokens], pad_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, attention mask and (B, T, 2) character spans of a batch, left-padded to its longest prompt as
+    the tokenizer pads (``pad_id``, mask 0, span (0, 0))."""
+    if pad_id is None:
+        raise PromptError("the tokenizer has no padding token; set tokenizer.pad_token (load_model sets it to EOS)")
+    width = max((len(t.ids) for t in tokens), default=0)
+    input_ids = torch.full((len(tokens), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(tokens), width), dtype=torch.long)
+    offsets = torch.zeros((len(tokens), width, 2), dtype=torch.long)
+    for row, t in enumerate(tokens):
+        start = width - len(t.ids)
+        input_ids[row, start:] = torch.tensor(t.ids, dtype=torch.long)
+        mask[row, start:] = 1
+        offsets[row, start:] = torch.tensor(t.offsets, dtype=torch.long).reshape(-1, 2)
+    return input_ids, mask, offsets

@@ -39,7 +39,6 @@ class StatisticsWriter(GroupWriter):
         blocks = assign_blocks(np.asarray(labels), n_blocks)
         self.accumulator = (Accumulator(blocks, n_blocks, n_classes) if rank is None
                             else SketchAccumulator(blocks, n_blocks, n_classes, rank))
-        self.remaining = len(self.pending()) if self.exists else len(labels)
 
     def create(self, arrays: dict[str, tuple], static: dict[str, np.ndarray], attrs: dict[str, Any],
                example_chunk: int = EXAMPLE_CHUNK) -> None:
@@ -51,7 +50,6 @@ class StatisticsWriter(GroupWriter):
         super().create(layout, static, {**attrs, "keep": "statistics", "n_blocks": self.n_blocks,
                                         "statistics_rank": "full" if self.rank is None else self.rank},
                        example_chunk)
-        self.remaining = len(self.pending())
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
         """Fold the batch's states into the moments, write its other arrays; on the last batch, the statistics."""

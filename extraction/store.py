@@ -35,7 +35,8 @@ change of metadata this package makes (a group created, completed, replaced, or 
 itself always reads the per-node metadata (``use_consolidated=False``), so a stale copy written by another tool
 never misleads it. Chunk writes do not touch metadata, so an interrupted run resumes as before.
 
-Group attrs: ``config`` (the extraction configuration; a resume must match it), ``provenance`` (model spec and
+Group attrs: ``config`` (the extraction configuration with the model's identity: spec, hash, dtype, quantisation,
+see :attr:`extraction.models.LoadedModel.identity`; a resume must match it), ``provenance`` (model spec and
 hash or revision, dtype, library versions), ``layer_convention``, ``lens_convention``, ``lens_center`` (whether
 the final norm subtracts the mean), ``lens_form_exact`` (whether the norm has that array form), ``lens_logit_scale``
 and ``lens_softcap`` (the read-out's output post-processing: label logits are ``c * tanh(s * z / c)`` of the raw
@@ -143,9 +144,36 @@ def stored_example_chunk(path: str | Path, group: str) -> int | None:
         return root[group]["done"].chunks[0] if group in root and "done" in root[group] else None
 
 
-def canonical(config: dict[str, Any]) -> str:
-    """A configuration as canonical JSON, so two runs' configurations compare by value."""
-    return json.dumps(config, sort_keys=True, default=str)
+def canonical(value: Any) -> str:
+    """A configuration (or one of its values) as canonical JSON, so two runs' configurations compare by value."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+#: Configuration keys added after stores were first written -> what a stored configuration without the key was
+#: written with (such a store resumes when the new run has that value, and is refused otherwise).
+LATER_KEYS: dict[str, Any] = {"quantization": None}
+_MISSING = object()
+
+
+def differences(stored: dict[str, Any], config: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Where a group's ``stored`` configuration and a run's ``config`` differ: dotted key (into nested tables) ->
+    (stored value, run's value); a key of :data:`LATER_KEYS` missing from either counts as its old default."""
+    if not prefix:
+        stored, config = {**LATER_KEYS, **stored}, {**LATER_KEYS, **config}
+    changes: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(stored) | set(config)):
+        was, now = stored.get(key, _MISSING), config.get(key, _MISSING)
+        if isinstance(was, dict) and isinstance(now, dict):
+            changes.update(differences(was, now, f"{prefix}{key}."))
+        elif was is _MISSING or now is _MISSING or canonical(was) != canonical(now):
+            changes[f"{prefix}{key}"] = (was, now)
+    return changes
+
+
+def _shown(value: Any, limit: int = 100) -> str:
+    """A configuration value as short JSON for a one-line message ("missing" for a key one side lacks)."""
+    text = "missing" if value is _MISSING else canonical(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def library_versions(names: Sequence[str]) -> dict[str, str]:
@@ -164,7 +192,8 @@ class GroupWriter:
 
     ``done`` is written after the other arrays of a batch, so an example counts as written only when all of it is.
     When the last example is done the writer refreshes the consolidated metadata (unless ``consolidates`` is False:
-    a worker of a sharded run leaves that to the client).
+    a worker of a sharded run leaves that to the client). It knows the last one by counting (:attr:`remaining`),
+    so a batch reads only its own chunk of ``done``, never the whole array.
     """
 
     consolidates = True
@@ -175,19 +204,22 @@ class GroupWriter:
             self.root = open_root(self.path, mode="a")
             existing = self.root[group] if group in self.root else None
         self.node: zarr.Group | None = None
+        self._remaining: int | None = None
         if existing is not None:
             if overwrite:
                 del self.root[group]
                 consolidate(self.path)
-            elif canonical(existing.attrs.get("config", {})) != canonical(config):
-                old = existing.attrs.get("config", {})
-                changed = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-                raise GroupClashError(
-                    f"group {group!r} in {self.path} was written with a different configuration "
-                    f"(differs in: {', '.join(changed)})", path=self.path, group=group, changed=changed,
-                    remedy="choose another setting name or pass overwrite=True to replace it",
-                )
             else:
+                changes = differences(existing.attrs.get("config", {}), config)
+                if changes:
+                    shown = "; ".join(f"{key} ({_shown(was)} stored, {_shown(now)} now)"
+                                      for key, (was, now) in changes.items())
+                    raise GroupClashError(
+                        f"group {group!r} in {self.path} was written with a different configuration "
+                        f"(differs in: {shown})", path=self.path, group=group,
+                        changed=sorted({key.split(".")[0] for key in changes}),
+                        remedy="choose another setting name or pass overwrite=True to replace it",
+                    )
                 self.node = existing
 
     @property
@@ -197,6 +229,18 @@ class GroupWriter:
     def pending(self) -> np.ndarray:
         """Indices of examples not yet written."""
         return np.flatnonzero(~self.node["done"][:])
+
+    @property
+    def remaining(self) -> int:
+        """How many examples are not yet marked done: counted from ``done`` on first use, then kept by
+        :meth:`mark_done` (and by a subclass that completes examples itself)."""
+        if self._remaining is None:
+            self._remaining = len(self.pending())
+        return self._remaining
+
+    @remaining.setter
+    def remaining(self, count: int) -> None:
+        self._remaining = count
 
     @property
     def example_chunk(self) -> int:
@@ -220,7 +264,7 @@ class GroupWriter:
                                       dimension_names=dims)
             array[...] = values
         node.attrs.update({**attrs, "config": self.config, "example_chunk": node["done"].chunks[0]})
-        self.node = node
+        self.node, self.remaining = node, node["done"].shape[0]
         consolidate(self.path)
 
     def write(self, index: np.ndarray, values: dict[str, np.ndarray], *, done: bool = True) -> None:
@@ -233,10 +277,21 @@ class GroupWriter:
             self.mark_done(index)
 
     def mark_done(self, index: np.ndarray) -> None:
-        """Mark the examples at ``index`` written (the resume marker)."""
+        """Mark the examples at ``index`` written (the resume marker); the call that marks the last pending example
+        refreshes the consolidated metadata (a writer that does not consolidate keeps no count: in a sharded run
+        other processes mark the other examples)."""
+        last = self.consolidates and self._count_new(index)
         self.node["done"].set_orthogonal_selection((index,), np.ones(len(index), dtype=bool))
-        if self.consolidates and len(self.pending()) == 0:
+        if last:
             consolidate(self.path)
+
+    def _count_new(self, index: np.ndarray) -> bool:
+        """Take the examples of ``index`` not yet done (examples marked again do not count) off :attr:`remaining`;
+        whether they were the last ones. Reads only ``index``'s chunks of ``done``."""
+        before = self.remaining
+        unique = np.unique(index)
+        self.remaining = before - int(np.count_nonzero(~self.node["done"].get_orthogonal_selection((unique,))))
+        return before > 0 and self.remaining == 0
 
     def set_attrs(self, **attrs: Any) -> None:
         self.node.attrs.update(attrs)
