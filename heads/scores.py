@@ -56,7 +56,7 @@ SCORES = ("pth", "ih", "previous_token", "induction", "duplicate_token")
 GROUP = "head_scores"
 DIMS = ("block", "head")
 #: Score settings added after head scores were first stored, at the value those older scores were computed with.
-LEGACY_SETTINGS = {"pth_first_pair": True}
+LEGACY_SETTINGS = {"pth_first_pair": True, "quantization": None}
 DEFINITIONS = {
     "ih": "attention from the final position to the demonstrations' label tokens, summed over labels, mean over prompts",
     "previous_token": "repeated random tokens: mean attention p -> p-1 over positions p>=3 (<bos> is position 1)",
@@ -242,9 +242,7 @@ def _score_config(loaded: LoadedModel, task, shots: int, n: int, seed: int, n_ra
     return {
         "task": task if isinstance(task, str) else task.name, "shots": shots, "n": n, "seed": seed,
         "n_random": n_random, "repeat": repeat, "pth_first_pair": pth_first_pair,
-        "prompt_options": {k: options[k] for k in sorted(options)},
-        "model": loaded.provenance.get("model_spec", loaded.spec), "model_sha256": loaded.provenance.get("model_sha256"),
-        "dtype": loaded.provenance.get("dtype"),
+        "prompt_options": {k: options[k] for k in sorted(options)}, **loaded.identity,
     }
 
 

@@ -1,7 +1,10 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
+from extraction import quantisation
 from heads import scores as scores_module
 from heads.errors import HeadsError
 from heads.scores import (SCORES, label_attention, previous_token_sums, random_repeated_tokens,
@@ -214,3 +217,18 @@ def test_scores_stored_the_old_way_load_with_block_and_are_reused(tiny_gemma, tm
     np.testing.assert_array_equal(score(tiny_gemma, **settings, store=store)["pth"].values, fresh["pth"].values)
     with pytest.raises(HeadsError, match="another configuration"):
         score(tiny_gemma, **settings, store=store, pth_first_pair=False)
+
+
+def test_scores_of_an_unquantised_model_are_not_reused_for_a_quantised_one(tiny_gemma, tmp_path, monkeypatch):
+    store = tmp_path / "s.zarr"
+    settings = dict(shots=1, n=3, n_random=1, repeat=3, progress=False, store=store)
+    score(tiny_gemma, **settings)
+    four_bit = dataclasses.replace(tiny_gemma, provenance={
+        **tiny_gemma.provenance, "quantization": quantisation.describe(quantisation.quantization_config("bnb-4bit"))})
+    with pytest.raises(HeadsError, match="another configuration"):
+        score(four_bit, **settings)
+    stored = scores_module.load_scores(store)  # scores stored before the quantisation was recorded
+    stored.attrs["config"] = {k: v for k, v in stored.attrs["config"].items() if k != "quantization"}
+    stored.to_zarr(str(store), group="head_scores", mode="w", consolidated=False)
+    monkeypatch.setattr(scores_module, "reduce_attention", lambda *a: pytest.fail("scores were recomputed"))
+    score(tiny_gemma, **settings)
