@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from extraction.capture import position_ids, query_positions
 from extraction.extractor import batches_by_length, extract
 from extraction.models import load_model
-from extraction.prompts import PromptConfig, build_prompts, encode
+from extraction.prompts import PromptConfig, build_prompts, encode, tokenize
 from extraction.tasks import load_task
 
 
@@ -85,8 +85,9 @@ def common(model, input_ids, attention_mask) -> None:
 def throughput(args: argparse.Namespace) -> dict:
     loaded = load_model(dtype=args.dtype)
     prompts = build_prompts(load_task("sentiment"), PromptConfig(shots=args.shots, n=args.n, seed=0))
-    batches = [encode(loaded.tokenizer, [prompts.prompts[i] for i in index])
-               for index in batches_by_length(loaded, prompts, torch.arange(args.n).numpy(), args.batch_size)]
+    tokenized = tokenize(loaded.tokenizer, prompts.prompts)
+    batches = [encode(loaded.tokenizer, [prompts.prompts[i] for i in index], tokens=[tokenized[i] for i in index])
+               for index in batches_by_length(tokenized, args.batch_size)]
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
     bare(loaded.model, batches[0].input_ids, batches[0].attention_mask)  # warm-up
     seconds = {}

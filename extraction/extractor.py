@@ -228,17 +228,10 @@ def check_context(loaded: LoadedModel, prompts: PromptSet, tokenized: Sequence[T
     return int(lengths.max())
 
 
-def batches_by_length(loaded: LoadedModel, prompts: PromptSet, pending: np.ndarray, batch_size: int
-                      ) -> list[np.ndarray]:
-    """Pending example indices (sorted) grouped into batches of similar token length (sorted within each batch)."""
-    tokenized = tokenize(loaded.tokenizer, [prompts.prompts[i] for i in pending])
-    return [pending[pick] for pick in _length_batches([len(t.ids) for t in tokenized], batch_size)]
-
-
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
-    """Positions in ``lengths`` (prompts' token lengths) grouped into batches of similar length (sorted within
-    each batch)."""
-    order = np.argsort(lengths, kind="stable")
+def batches_by_length(tokens: Sequence[Tokens], batch_size: int) -> list[np.ndarray]:
+    """Positions in ``tokens`` (prompts' :func:`~extraction.prompts.tokenize`) grouped into batches of similar
+    token length (sorted within each batch)."""
+    order = np.argsort([len(t.ids) for t in tokens], kind="stable")
     return [np.sort(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
@@ -272,7 +265,7 @@ def fill_shard(loaded: LoadedModel, writer: GroupWriter, index: np.ndarray, item
     label_tokens = np.array(tokens)
     for item in interventions:
         item.bind(loaded)
-    for pick in _length_batches([len(t.ids) for _, t in items], batch_size):
+    for pick in batches_by_length([t for _, t in items], batch_size):
         batch = [items[j][0] for j in pick]
         encoded = encode(loaded.tokenizer, batch, max_length=loaded.arch.max_context,
                          tokens=[items[j][1] for j in pick])

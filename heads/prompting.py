@@ -14,7 +14,8 @@ import numpy as np
 
 from extraction.extractor import batches_by_length
 from extraction.models import LoadedModel
-from extraction.prompts import Encoded, Prompt, PromptConfig, PromptSet, build_prompts, encode, label_token_ids
+from extraction.prompts import (Encoded, Prompt, PromptConfig, PromptSet, build_prompts, encode, label_token_ids,
+                                tokenize)
 from extraction.tasks import Task, load_task
 from heads.errors import HeadsError
 
@@ -63,9 +64,11 @@ def prompt_batches(
         raise HeadsError(f"batch_size must be >= 1, not {batch_size}")
     task_obj = task if isinstance(task, Task) else load_task(task, template=options.get("template"))
     prompts = build_prompts(task_obj, PromptConfig(shots=shots, n=n, seed=seed, **options))
-    tokens = label_token_ids(loaded.tokenizer, prompts)
+    tokenized = tokenize(loaded.tokenizer, prompts.prompts)
+    tokens = label_token_ids(loaded.tokenizer, prompts, tokenized)
     batches = [
-        (index, encode(loaded.tokenizer, [prompts.prompts[i] for i in index], max_length=loaded.arch.max_context))
-        for index in batches_by_length(loaded, prompts, np.arange(n), batch_size)
+        (index, encode(loaded.tokenizer, [prompts.prompts[i] for i in index], max_length=loaded.arch.max_context,
+                       tokens=[tokenized[i] for i in index]))
+        for index in batches_by_length(tokenized, batch_size)
     ]
     return PromptBatches(prompts, tokens, batches, task_obj)

@@ -12,6 +12,7 @@ from extraction.extractor import extract
 from extraction.positions import batch_groups
 from extraction.prompts import build_prompts, encode
 from extraction.tasks import load_task
+from heads.prompting import prompt_batches
 from tests.tokenizer_builders import byte_level_bpe_tokenizer, left_padded, sentencepiece_llama_tokenizer
 
 
@@ -62,3 +63,14 @@ def test_encoded_batches_equal_the_tokenizers_own_padding(tokenizer):
         starts = [next(i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end)
                   for start, end in prompt.answer_spans]
         assert encoded.label_positions[row] == starts
+
+
+def test_the_heads_prompt_batches_tokenize_each_prompt_once(tiny_gemma):
+    counting = CountingTokenizer(tiny_gemma.tokenizer)
+    batches = prompt_batches(dataclasses.replace(tiny_gemma, tokenizer=counting), task="sentiment", shots=3, n=10,
+                             seed=0, batch_size=4)
+    prompts = [p.text for p in batches.prompts.prompts]
+    assert {text: counting.seen[text] for text in prompts} == {text: 1 for text in prompts}
+    again = prompt_batches(tiny_gemma, task="sentiment", shots=3, n=10, seed=0, batch_size=4)
+    for (index, encoded), (same, expected) in zip(batches.batches, again.batches):
+        assert index.tolist() == same.tolist() and torch.equal(encoded.input_ids, expected.input_ids)
