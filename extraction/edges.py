@@ -67,7 +67,7 @@ import torch
 from extraction.architecture import Architecture
 from extraction.donors import DonorSpec, donor_prompts
 from extraction.errors import InterventionError
-from extraction.interventions import Batch, Intervention, _json_record, architecture_of
+from extraction.interventions import Batch, Intervention, json_record, architecture_of
 from extraction.positions import KIND_CODES, PositionGroups
 from extraction.prompts import Prompt, PromptSet, encode
 from extraction.tasks import Task
@@ -225,7 +225,7 @@ class _EdgeIntervention(Intervention):
         self.edge = edge_type(edge)
         self.blocks = list(blocks)
         self.heads = query_heads(heads)
-        self.origin = _json_record(origin)
+        self.origin = json_record(origin)
 
     def check(self, arch: Architecture) -> None:
         self.blocks = check_blocks(arch, self.blocks)

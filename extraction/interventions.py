@@ -95,7 +95,9 @@ def _float32(values: Any) -> torch.Tensor:
     return torch.as_tensor(values).detach().to("cpu", torch.float32).clone()
 
 
-def _json_record(origin: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def json_record(origin: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """An intervention's ``origin`` as plain JSON (a copy; None stays None), refused in one line when it is not
+    JSON-ready, since it is stored with the run's record."""
     if origin is None:
         return None
     try:
@@ -319,7 +321,7 @@ class HeadAblation(Intervention):
         self.heads = _head_pairs(heads)
         self.mode = mode
         self.means = None if means is None else _float32(means)
-        self.origin = _json_record(origin)
+        self.origin = json_record(origin)
 
     def check(self, arch: Architecture) -> None:
         check_heads(arch, self.heads)
@@ -374,7 +376,7 @@ class Injection(Intervention):
         self.layer = int(layer)
         self.position = position if position == "last" else int(position)
         self.scale = float(scale)
-        self.origin = _json_record(origin)
+        self.origin = json_record(origin)
 
     def check(self, arch: Architecture) -> None:
         if tuple(self.vector.shape) != (arch.hidden_size,):
