@@ -92,8 +92,19 @@ def test_another_config_for_an_existing_run_is_refused(config_file, tmp_path, ca
     out = tmp_path / "run"
     assert main(["train", str(config_file), "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()
-    assert main(["train", str(config_file), "--out", str(out), "--steps", "40", "--no-progress"]) == 2
+    assert main(["train", str(config_file), "--out", str(out), "--steps", "20", "--no-progress"]) == 2
     assert "train.steps" in error_line(capsys)
+    assert main(["train", str(config_file), "--out", str(out), "--seeds", "1", "--no-progress"]) == 2
+    assert "train.seeds" in error_line(capsys)
+
+
+def test_more_steps_extend_an_existing_run_and_its_analysis(config_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(config_file), "--out", str(out), "--no-progress"]) == 0
+    (out / "report.html").unlink()
+    assert main(["train", str(config_file), "--out", str(out), "--steps", "45", "--no-progress"]) == 0
+    curves = pd.read_csv(out / "tables" / "curves.csv")
+    assert curves["step"].max() == 45 and 30 in set(curves["step"]) and (out / "report.html").is_file()
 
 
 def test_analyse_only_without_a_run_fails_with_one_line(tmp_path, capsys):
