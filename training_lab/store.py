@@ -3,11 +3,14 @@ root. Its layout is documented in :mod:`training_lab` (the package docstring).
 
 Arrays are created whole, NaN-filled, when a run starts (every evaluation and snapshot step is known from the
 config); each step's values are then written in place with a ``done`` flag written last, so a resumed run
-rewrites exactly the steps after its checkpoint and nothing else.
+rewrites exactly the steps after its checkpoint and nothing else. A run re-started with a larger ``train.steps``
+(every other setting equal) is extended: its groups grow along ``step`` by the new schedule's later steps, NaN-filled
+and not done, and the stored config is replaced last, so an extension killed midway is simply redone.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from training_lab.errors import LabError
 GROUPS = ("curves", "snapshots")
 FORMAT = "training_lab.run/1"
 LIBRARIES = ("torch", "numpy", "xarray", "zarr", "safetensors")
+GROWABLE = "train.steps"
+log = logging.getLogger(__name__)
 
 
 def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -35,19 +40,48 @@ def _changed(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return keys
 
 
+def stored_config(path: Path) -> dict[str, Any] | None:
+    """The config of the run store at ``path`` (keys added to the configs since read as their defaults), or None
+    when there is no store or its creation was killed before its last write."""
+    if not (path / "zarr.json").exists():
+        return None
+    with reading(path):
+        stored = open_root(path).attrs.get("config")
+    return None if stored is None else LabConfig.from_dict(stored).to_dict()
+
+
+def check_config(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored config of the run at ``path`` (None: a new run) if ``config`` may continue it: the same config,
+    or one that only raises ``train.steps`` (an extension); anything else fails in one line."""
+    stored = stored_config(path)
+    if stored is None or canonical(stored) == canonical(config):
+        return stored
+    changed = _changed(stored, config)
+    if changed != [GROWABLE] or config["train"]["steps"] < stored["train"]["steps"]:
+        raise LabError(f"the run at {path.parent} was started with another config (differs in {', '.join(changed)});"
+                       f" only {GROWABLE} can grow (to extend the run): pass the same config to resume, a larger "
+                       "train.steps to extend, or another out")
+    return stored
+
+
+def steps(path: Path, group: str) -> np.ndarray:
+    """The ``step`` coordinate of one group of the store at ``path``."""
+    return np.asarray(open_root(path)[group]["step"][:])
+
+
 def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) -> None:
-    """Create the store with its NaN-filled groups (the config attr written last), or check that an existing one
-    holds the same config (a stored config lacking keys added later reads them as their defaults)."""
-    if (path / "zarr.json").exists():
-        with reading(path):
-            stored = open_root(path).attrs.get("config")  # None: a creation killed before its last write
-        if stored is not None:
-            stored = LabConfig.from_dict(stored).to_dict()  # keys added to the configs since keep their defaults
-        if stored is not None and canonical(stored) != canonical(config):
-            raise LabError(f"the run at {path.parent} was started with another config (differs in "
-                           f"{', '.join(_changed(stored, config))}); pass the same config to resume, or another out")
-        if stored is not None:
-            return
+    """Create the store with its NaN-filled groups (the config attr written last); or check that an existing one
+    holds the same config; or, when ``config`` only raises ``train.steps``, grow its groups to ``datasets``' steps
+    (see :func:`check_config`)."""
+    stored = check_config(path, config)
+    if stored is not None and canonical(stored) == canonical(config):
+        return
+    if stored is not None:
+        log.info("extending run from %d to %d steps", stored["train"]["steps"], config["train"]["steps"])
+        _grow(path, stored["train"]["steps"], datasets)
+        open_root(path, mode="a").attrs["config"] = config
+        consolidate(path)
+        return
     path.mkdir(parents=True, exist_ok=True)
     zarr.open_group(str(path), mode="w", zarr_format=3)
     for name, dataset in datasets.items():
@@ -55,6 +89,24 @@ def create(path: Path, config: dict[str, Any], datasets: dict[str, xr.Dataset]) 
     root = open_root(path, mode="a")
     root.attrs.update({"config": config, "provenance": library_versions(LIBRARIES), "format": FORMAT})
     consolidate(path)
+
+
+def _grow(path: Path, last: int, datasets: dict[str, xr.Dataset]) -> None:
+    """Lengthen every group's step arrays to ``datasets``' steps, whose steps up to ``last`` (the run's last step
+    so far) must be the stored ones; the new entries read as the arrays' fill values (NaN, not done). Re-running
+    it after a kill redoes it: the stored steps up to ``last`` are never touched."""
+    root = open_root(path, mode="a")
+    for name, dataset in datasets.items():
+        node, target = root[name], dataset["step"].values
+        kept = int(np.searchsorted(target, last, side="right"))
+        if not np.array_equal(node["step"][:kept], target[:kept]):
+            raise LabError(f"cannot extend the run at {path.parent}: its {name} steps up to {last} differ from the "
+                           "longer schedule's; train the longer run into another out")
+        for variable, values in dataset.data_vars.items():
+            if "step" in values.dims:
+                node[variable].resize((len(target),) + node[variable].shape[1:])
+        node["step"].resize((len(target),))
+        node["step"][kept:] = target[kept:]
 
 
 def write_step(path: Path, group: str, index: int, values: dict[str, np.ndarray]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -40,10 +40,14 @@ class Schedule:
     checkpoints: frozenset[int]
 
 
-def schedule(train: TrainConfig) -> Schedule:
+def schedule(train: TrainConfig, ends: Iterable[int] = ()) -> Schedule:
     """Evaluations at 0, every ``eval_every``, log-spaced and at the end (snapshot steps included); checkpoints at
-    the first evaluation at least ``checkpoint_every`` after the previous one, and at the end."""
-    snapshots = log_steps(train.steps, train.snapshots_per_decade)
+    the first evaluation at least ``checkpoint_every`` after the previous one, and at the end.
+
+    ``ends``: the last steps of an extended run's shorter configs, kept as evaluation and snapshot steps. Below
+    such a step a longer schedule holds the shorter one's steps (log-spaced steps depend only on the counts per
+    decade, regular ones on ``eval_every``), so an extended run's steps are this schedule's plus its ``ends``."""
+    snapshots = sorted(set(log_steps(train.steps, train.snapshots_per_decade)) | set(ends))
     regular = set(range(0, train.steps + 1, train.eval_every))
     evals = sorted(regular | set(log_steps(train.steps, train.evals_per_decade)) | set(snapshots))
     saved, last = {train.steps}, 0
@@ -93,6 +97,7 @@ class Trainer:
     def run(self, *, progress: bool = True, on_step: Callable[[int], None] | None = None) -> xr.Dataset:
         """Train to ``config.train.steps`` (resuming from the latest checkpoint) and return the curves."""
         config = self.config.to_dict()
+        self.schedule = schedule(self.config.train, self._ends(store.check_config(self.store, config)))
         store.create(self.store, config, self._empty_datasets())
         start = self._resume()
         evals, snapshots = ({s: i for i, s in enumerate(steps)}
@@ -121,6 +126,15 @@ class Trainer:
         finally:
             bar.close()
         return store.open_run(self.store)
+
+    def _ends(self, stored: dict | None) -> list[int]:
+        """The last steps of the run's earlier, shorter configs (``stored``: the store's config, None for a new
+        run): its stored steps up to its last that this config's schedule lacks."""
+        if stored is None:
+            return []
+        last, plain = stored["train"]["steps"], schedule(self.config.train)
+        return sorted({int(s) for group, kept in (("curves", plain.evals), ("snapshots", plain.snapshots))
+                       for s in store.steps(self.store, group) if s <= last and s not in kept})
 
     def _step(self, step: int) -> torch.Tensor:
         batch = self.next_batch()

@@ -77,7 +77,7 @@ def test_an_extension_killed_midway_resumes_to_the_same_run(tiny, tmp_path):
 def test_fewer_steps_or_another_setting_is_still_refused_in_one_line(tiny, tmp_path):
     train(_steps(tiny, 10), tmp_path / "run", progress=False)
     for changed, names in ((_steps(tiny, 5), "train.steps"),
-                           (replace(tiny, train=replace(tiny.train, steps=20, lr=0.1)), "train.lr")):
+                           (replace(tiny, train=replace(tiny.train, steps=20, lr=0.1)), "train.lr, train.steps")):
         with pytest.raises(LabError, match=rf"another config \(differs in {names}\).*only train.steps can grow") \
                 as error:
             train(changed, tmp_path / "run", progress=False)
@@ -96,3 +96,26 @@ def test_a_longer_schedule_starts_with_the_shorter_one(per_decade):
             assert [s for s in long.evals if s < old] == short.evals[:-1]
             assert [s for s in long.snapshots if s < old] == short.snapshots[:-1]
 
+
+
+def test_an_extension_killed_while_growing_the_store_is_redone(tiny, tmp_path, monkeypatch):
+    from training_lab import store
+
+    grow = store._grow
+
+    def killed(path, last, datasets):
+        grow(path, last, {name: datasets[name] for name in list(datasets)[:1]})  # the first group only
+        raise KeyboardInterrupt
+
+    for out in ("killed", "whole"):
+        train(_steps(tiny, 23), tmp_path / out, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_grow", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(_steps(tiny, 60), tmp_path / "killed", progress=False)
+    assert open_run(tmp_path / "killed").attrs["config"]["train"]["steps"] == 23
+    for out in ("killed", "whole"):
+        train(_steps(tiny, 60), tmp_path / out, progress=False)
+    for group in ("curves", "snapshots"):
+        xr.testing.assert_identical(open_run(tmp_path / "whole", group).load(),
+                                    open_run(tmp_path / "killed", group).load())
