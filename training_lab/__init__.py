@@ -6,6 +6,7 @@ Use::
 
     from training_lab import analyse, preset, train, open_run
     curves = train(preset("quick"), out="runs/quick")        # resumes if runs/quick holds the same config
+                                                             # (extends it if that config has fewer train.steps)
     snapshots = open_run("runs/quick", "snapshots")
     analyse("runs/quick")                                    # tables/, figures/ and report.html in runs/quick
 

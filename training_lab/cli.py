@@ -29,6 +29,9 @@ examples:
   # [M]'s setting with three seeds trained at once (hours on a 2-core CPU; re-run the command to resume)
   icl-geometry train --preset paper --seeds 0 1 2 --out lab-paper
 
+  # that run, trained with --steps 80000, continued to 200,000 steps (every other setting as before)
+  icl-geometry train --preset paper --seeds 0 1 2 --steps 200000 --out lab-paper
+
   # your own setting: write a preset to a file, edit it, run it (keys left out keep the preset's values)
   icl-geometry train --preset quick --print-config > lab.toml
   icl-geometry train lab.toml --preset quick --out my-lab
@@ -41,8 +44,8 @@ examples:
   icl-geometry train --out lab-singh --ablate-heads --at-step 5000
 
 A run directory holds run.zarr (curves and snapshots), checkpoints/, tables/*.csv, figures/ and report.html (open
-it in a browser). Running the same command again continues an interrupted run; a different config for an existing
-run directory is refused.
+it in a browser). Running the same command again continues an interrupted run, and with a larger --steps extends a
+run; any other change of config for an existing run directory is refused.
 
 experiment sets ([S]'s clamp runs, data sweeps; each configuration's seeds trained at once, phase changes compared):
   icl-geometry train --experiment singh-clamps --quick --out singh-clamps-quick   # minutes
@@ -172,8 +175,8 @@ def register(subparsers) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="with --experiment: its quick scale (its [quick] preset and seeds; minutes)")
     parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED", help="seeds trained at once (batched)")
-    parser.add_argument("--steps", type=int, help="SGD steps to train (part of the config, like every setting: "
-                                                  "a run directory holds one config)")
+    parser.add_argument("--steps", type=int, help="SGD steps to train (part of the config; a run directory holds "
+                                                  "one config, but a larger --steps extends its run)")
     parser.add_argument("--smooth", type=int, default=5,
                         help="moving average (odd number of evaluations) the phase rule is applied to (default 5)")
     parser.add_argument("--phase-window", type=int, default=100, metavar="STEPS",

@@ -5,7 +5,9 @@ Each run draws its world, its training batches and its held-out evaluation set f
 seed (:func:`training_lab.model.run_generators`), so a run's numbers do not depend on which runs share the batch.
 A run is resumable: checkpoints (weights and data generators' states) are written only right after an evaluation
 has been stored, so a resumed run continues from the latest checkpoint, rewrites nothing before it and reproduces
-the uninterrupted run bit for bit.
+the uninterrupted run bit for bit. A run re-started with a larger ``train.steps`` is extended the same way (its
+store grows, :func:`training_lab.store.create`): it equals a run trained to the end directly at every step both
+have, except ``train_loss`` at the step after the old last step, which stays an evaluation and snapshot step.
 """
 
 from __future__ import annotations
@@ -258,6 +260,7 @@ class Trainer:
 def train(config: LabConfig, out: str | Path, *, progress: bool = True,
           on_step: Callable[[int], None] | None = None) -> xr.Dataset:
     """Train ``config`` (all its seeds at once) into the run directory ``out`` (``run.zarr`` + ``checkpoints/``),
-    resuming if ``out`` holds a run of the same config; returns the curves (``open_run(out)``). ``on_step(step)``
+    resuming if ``out`` holds a run of the same config, extending it if ``out`` holds the same config with fewer
+    ``train.steps``; returns the curves (``open_run(out)``). ``on_step(step)``
     is called after every update (``step`` updates done)."""
     return Trainer(config, out).run(progress=progress, on_step=on_step)
