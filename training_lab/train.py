@@ -7,7 +7,8 @@ A run is resumable: checkpoints (weights and data generators' states) are writte
 has been stored, so a resumed run continues from the latest checkpoint, rewrites nothing before it and reproduces
 the uninterrupted run bit for bit. A run re-started with a larger ``train.steps`` is extended the same way (its
 store grows, :func:`training_lab.store.create`): it equals a run trained to the end directly at every step both
-have, except ``train_loss`` at the step after the old last step, which stays an evaluation and snapshot step.
+have. The old last step stays an evaluation and snapshot step; where the longer schedule lacks it, ``train_loss``
+at the next evaluation averages the updates since it (not since the longer schedule's previous evaluation).
 """
 
 from __future__ import annotations
