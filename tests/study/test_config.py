@@ -63,6 +63,10 @@ def test_quick_builds_on_the_quick_defaults(tmp_path):
     ("[data\nn = 3", "cannot be parsed"),
     ("[cluster]\nscheduler = \"tcp://h:8786\"\nworkers = 2", "[cluster] takes scheduler or workers, not both"),
     ("[cluster]\nworkers = -1", "cluster.workers and cluster.example_chunk must be >= 0"),
+    ('[model]\nmax_memory = "20GiB"\n', "model.max_memory must be a table of keys"),
+    ('[model]\ndevice_map = 3\n', "model.device_map must be str or a table"),
+    ('[model]\nattn_implementation = "fast"\n', "model.attn_implementation: unknown attention implementation"),
+    ('[model]\nquantization = "int3"\n', "model.quantization: unknown quantization 'int3'"),
 ])
 def test_bad_config_is_rejected_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.toml"
